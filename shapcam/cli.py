@@ -1,0 +1,186 @@
+"""Command line: ``shapcam explain``, ``shapcam demo``, ``shapcam setup``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+import typer
+from tqdm import tqdm
+
+from .images import load_image, to_tensor
+from .methods import METHODS
+from .methods.shapcam import DEFAULT_PERMUTATIONS
+from .models import LoadedModel, ShapCAMError, load_model
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Shap-CAM saliency maps and their baselines.")
+
+
+def _resolve_target(target: str | None, lm: LoadedModel) -> int | None:
+    if target is None:
+        return None
+    if target.lstrip("-").isdigit():
+        return int(target)
+    lowered = [c.lower() for c in lm.categories]
+    if target.lower() in lowered:
+        return lowered.index(target.lower())
+    raise ShapCAMError(f"unknown class {target!r}: pass an index 0..{len(lm.categories) - 1} "
+                       "or an exact class name such as "
+                       f"{', '.join(repr(c) for c in lm.categories[:3])}")
+
+
+def _build_method(method: str, lm: LoadedModel, options: dict[str, Any]):
+    if method not in METHODS:
+        raise ShapCAMError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    return METHODS[method](lm, **options)
+
+
+def _save(result, i: int, image, stem: str, method: str, out: Path, lm: LoadedModel) -> None:
+    target = int(result.targets[i])
+    prob = float(result.probabilities[i])
+    arrays: dict[str, Any] = {
+        "map": result.maps[i].float().cpu().numpy(),
+        "raw": result.raw[i].float().cpu().numpy(),
+        "target": np.int64(target),
+        "class_name": np.str_(lm.class_name(target)),
+        "probability": np.float32(prob),
+    }
+    ex = result.extras
+    if method == "shapcam":
+        arrays.update(
+            stderr=ex["stderr"][i].cpu().numpy(), v_empty=np.float32(ex["v_empty"][i]),
+            v_full=np.float32(ex["v_full"][i]), permutations=np.int64(ex["permutations"][i]),
+            evaluations=np.int64(ex["evaluations"][i]), seed=np.int64(ex["seed"][i]))
+    np.savez_compressed(out / f"{stem}.{method}.npz", **arrays)
+    from .visualise import save_overlay  # matplotlib only when writing figures
+
+    title = f"{method}: {lm.class_name(target)} (p={prob:.3f})"
+    if method == "shapcam":
+        title += f", K={int(ex['permutations'][i])}"
+    save_overlay(image, arrays["map"], out / f"{stem}.{method}.png", title)
+
+
+def run_explain(paths: list[Path], lm: LoadedModel, method: str, options: dict[str, Any],
+                target: str | None, out: Path, images_per_batch: int = 8,
+                seed: int = 0) -> list[tuple[Path, str]]:
+    """Explain ``paths`` and write ``<stem>.<method>.{png,npz}``; return the failures."""
+    out.mkdir(parents=True, exist_ok=True)
+    cam = _build_method(method, lm, options)
+    target_index = _resolve_target(target, lm)
+    failures: list[tuple[Path, str]] = []
+    stems: dict[str, int] = {}
+    bar = tqdm(total=len(paths), desc=f"{method} on {lm.name}", unit="img",
+               disable=len(paths) < 2)
+    for start in range(0, len(paths), images_per_batch):
+        batch, ok = [], []
+        for p in paths[start:start + images_per_batch]:
+            try:
+                img = load_image(p)
+                batch.append((p, img, to_tensor(img)))
+                ok.append(p)
+            except ShapCAMError as exc:
+                failures.append((p, str(exc)))
+                bar.update(1)
+        if not batch:
+            continue
+        x = torch.stack([t for _, _, t in batch]).to(lm.device)
+        kwargs = {"seeds": seed} if method == "shapcam" else {}
+        result = cam(x, target_index, **kwargs)
+        for i, (p, img, _) in enumerate(batch):
+            stem = p.stem
+            if stem in stems:  # two inputs with one stem: keep both outputs
+                stems[stem] += 1
+                stem = f"{stem}-{stems[stem]}"
+            else:
+                stems[stem] = 0
+            _save(result, i, img, stem, method, out, lm)
+            bar.update(1)
+    bar.close()
+    return failures
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def explain(
+    images: Annotated[list[Path], typer.Argument(help="Image files to explain.")],
+    model: Annotated[str, typer.Option(help="torchvision classifier name.")] = "mobilenet_v2",
+    weights: Annotated[str, typer.Option(
+        help="Weight enum name (DEFAULT, IMAGENET1K_V1), a state-dict path, or 'random'.")
+    ] = "DEFAULT",
+    layer: Annotated[str | None, typer.Option(help="Target layer (default per model).")] = None,
+    method: Annotated[str, typer.Option(help=f"One of: {', '.join(METHODS)}.")] = "shapcam",
+    permutations: Annotated[int, typer.Option(
+        "--permutations", "-k", help="Shap-CAM orders per image (cost ~ K * positions).")
+    ] = DEFAULT_PERMUTATIONS,
+    antithetic: Annotated[bool, typer.Option(help="Pair each order with its reverse.")] = False,
+    block: Annotated[int | None, typer.Option(help="Group positions into b x b tiles.")] = None,
+    value: Annotated[str, typer.Option(help="probability (paper) or logit.")] = "probability",
+    baseline: Annotated[str, typer.Option(help="zero (paper) or mean.")] = "zero",
+    target: Annotated[str | None, typer.Option(
+        help="Class index or name to explain (default: the predicted class).")] = None,
+    seed: Annotated[int, typer.Option(help="Per-image seed of the permutations.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Coalitions per head call.")] = 1024,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = (
+        "cuda" if torch.cuda.is_available() else "cpu"),
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/explain"),
+) -> None:
+    """Explain images: writes <stem>.<method>.png (overlay) and <stem>.<method>.npz."""
+    try:
+        lm = load_model(model, weights, target_layer=layer, device=device)
+        options: dict[str, Any] = {}
+        if method == "shapcam":
+            options = {"permutations": permutations, "antithetic": antithetic, "block": block,
+                       "value": value, "baseline": baseline, "batch_size": batch_size,
+                       "seed": seed}
+        failures = run_explain(images, lm, method, options, target, out, seed=seed)
+    except ShapCAMError as exc:
+        _fail(exc)
+    for path, why in failures:
+        typer.secho(f"skipped {path}: {why}", fg=typer.colors.YELLOW, err=True)
+    done = len(images) - len(failures)
+    typer.echo(f"wrote {done} explanation(s) to {out}")
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/demo"),
+    permutations: Annotated[int, typer.Option("--permutations", "-k")] = DEFAULT_PERMUTATIONS,
+    device: Annotated[str, typer.Option()] = "cuda" if torch.cuda.is_available() else "cpu",
+) -> None:
+    """Explain the bundled sample photos with the real MobileNetV2 (offline)."""
+    from .samples import sample_paths
+    from .weights import install_offline_weights
+
+    try:
+        install_offline_weights()
+    except RuntimeError as exc:
+        _fail(exc)
+    explain(sample_paths(), model="mobilenet_v2", weights="IMAGENET1K_V1", layer=None,
+            method="shapcam", permutations=permutations, antithetic=False, block=None,
+            value="probability", baseline="zero", target=None, seed=0, batch_size=1024,
+            device=device, out=out)
+
+
+@app.command()
+def setup() -> None:
+    """Put the offline MobileNetV2 checkpoint where torchvision finds it (sha256 checked)."""
+    from .weights import install_offline_weights
+
+    try:
+        typer.echo(f"MobileNetV2 ImageNet weights ready at {install_offline_weights()}")
+    except RuntimeError as exc:
+        _fail(exc)
+
+
+def main() -> None:  # pragma: no cover - console entry point alias
+    app(sys.argv[1:])

@@ -1,0 +1,45 @@
+"""Reading images from disk into the paper's preprocessed batches, with clear errors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .models import INPUT_SIZE, ShapCAMError, preprocess_transform
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file as RGB; a missing, unreadable or non-image file is a clear error."""
+    path = Path(path)
+    if not path.exists():
+        raise ShapCAMError(f"image file {path} does not exist")
+    if not path.is_file():
+        raise ShapCAMError(f"{path} is not a file; pass image files (JPEG, PNG, ...)")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ShapCAMError(f"{path} is not a readable image ({exc}); pass a JPEG, PNG, BMP, "
+                           "TIFF or WebP file") from exc
+
+
+def to_tensor(image: Image.Image | np.ndarray, size: int = INPUT_SIZE) -> torch.Tensor:
+    """Preprocess one PIL image or ``(H, W, 3)`` uint8 array into ``(3, size, size)``."""
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ShapCAMError(f"expected an (H, W, 3) uint8 array, got {image.shape} "
+                               f"{image.dtype}")
+        image = Image.fromarray(image)
+    return preprocess_transform(size)(image)
+
+
+def load_batch(paths: Sequence[str | Path], size: int = INPUT_SIZE
+               ) -> tuple[torch.Tensor, list[Image.Image]]:
+    """Preprocessed batch ``(B, 3, size, size)`` and the original RGB images."""
+    images = [load_image(p) for p in paths]
+    return torch.stack([to_tensor(img, size) for img in images]), images

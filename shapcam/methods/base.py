@@ -1,0 +1,125 @@
+"""The interface every saliency method implements.
+
+A method takes a preprocessed batch ``x (B, 3, H, W)`` and targets ``(B,)`` (default: the
+predicted classes) and returns a :class:`CAMResult`: ``maps (B, H, W)`` in [0, 1] at input size,
+the raw map at layer resolution, and its extras. A new method overrides one function,
+:meth:`CAMMethod.raw_maps` (pytorch-grad-cam's design); validation, the forward pass that finds
+targets and probabilities, and the ``ReLU -> bilinear upsample -> min-max`` post-processing are
+shared.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import LoadedModel, ShapCAMError
+from ..split import split_model
+
+
+@dataclass
+class CAMResult:
+    """Saliency maps of one batch; all tensors on the model's device."""
+
+    maps: torch.Tensor  # (B, H, W) in [0, 1]
+    raw: torch.Tensor  # (B, h, w) at layer resolution, signed where the method is
+    targets: torch.Tensor  # (B,) explained classes
+    probabilities: torch.Tensor  # (B,) softmax probability of the target on the image
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.maps.shape[0]
+
+
+def minmax(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Per-map min-max normalisation to [0, 1]; a constant map becomes all zeros."""
+    flat = maps.flatten(1)
+    lo = flat.min(1).values.view(-1, *[1] * (maps.dim() - 1))
+    hi = flat.max(1).values.view(-1, *[1] * (maps.dim() - 1))
+    span = hi - lo
+    return torch.where(span > eps, (maps - lo) / span.clamp_min(eps), torch.zeros_like(maps))
+
+
+def upsample_normalise(raw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``ReLU -> bilinear upsample to size -> min-max``: ``(B, h, w) -> (B, H, W)`` in [0, 1]."""
+    up = F.interpolate(raw.float().clamp_min(0).unsqueeze(1), size=size, mode="bilinear",
+                       align_corners=False).squeeze(1)
+    return minmax(up)
+
+
+class CAMMethod(ABC):
+    """Base of all methods: ``method(x, targets) -> CAMResult``.
+
+    Args:
+        model: a :class:`~shapcam.models.LoadedModel` or a plain ``nn.Module`` in eval mode.
+        target_layer: dotted module name; defaults to the loaded model's default layer.
+    """
+
+    name: str = "base"
+
+    def __init__(self, model: LoadedModel | nn.Module, target_layer: str | None = None) -> None:
+        if isinstance(model, LoadedModel):
+            self.loaded: LoadedModel | None = model
+            self.model = model.model
+            target_layer = target_layer or model.target_layer
+        else:
+            self.loaded = None
+            self.model = model
+        if target_layer is None:
+            raise ShapCAMError("pass target_layer when the model is a plain nn.Module")
+        self.target_layer = target_layer
+        self.model.eval()
+        self.trunk, self.head = split_model(self.model, target_layer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def num_classes(self, logits: torch.Tensor) -> int:
+        return logits.shape[-1]
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ShapCAMError(f"expected a batch of RGB images (B, 3, H, W), got {shape}; "
+                               "use shapcam.images.load_batch or unsqueeze(0) a single image")
+        if not x.is_floating_point():
+            raise ShapCAMError(f"expected a float tensor (normalised image), got {x.dtype}")
+        return x.to(self.device)
+
+    def _check_targets(self, targets: Any, logits: torch.Tensor) -> torch.Tensor:
+        B, n_classes = logits.shape
+        if targets is None:
+            return logits.argmax(1)
+        t = torch.as_tensor(targets, device=logits.device).reshape(-1).long()
+        if t.numel() == 1 and B > 1:
+            t = t.expand(B)
+        if t.numel() != B:
+            raise ShapCAMError(f"got {t.numel()} targets for a batch of {B} images")
+        bad = (t < 0) | (t >= n_classes)
+        if bool(bad.any()):
+            raise ShapCAMError(f"target class {int(t[bad][0])} is out of range: the model has "
+                               f"{n_classes} classes (valid: 0..{n_classes - 1})")
+        return t
+
+    def __call__(self, x: torch.Tensor, targets: Any = None, **kwargs: Any) -> CAMResult:
+        """Explain ``x`` for ``targets`` (int, sequence or tensor; default: predicted class)."""
+        x = self._check_input(x)
+        with torch.no_grad():
+            features = self.trunk(x)
+            logits = self.head(features)
+        targets = self._check_targets(targets, logits)
+        probs = logits.float().softmax(1).gather(1, targets.view(-1, 1)).squeeze(1)
+        raw, extras = self.raw_maps(x, targets, features=features, logits=logits, **kwargs)
+        maps = upsample_normalise(raw, tuple(x.shape[-2:]))
+        return CAMResult(maps=maps, raw=raw, targets=targets, probabilities=probs, extras=extras)
+
+    @abstractmethod
+    def raw_maps(self, x: torch.Tensor, targets: torch.Tensor, *, features: torch.Tensor,
+                 logits: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The method itself: ``(raw (B, h, w), extras)`` for the given targets."""

@@ -1,0 +1,250 @@
+"""Loading torchvision classifiers, their default target layers and the paper's preprocessing.
+
+Weights are given as a *spec* string:
+
+- ``"random"`` (or ``None``): random initialisation (tests, timing);
+- a torchvision weight enum name: ``"DEFAULT"``, ``"IMAGENET1K_V1"`` or the full
+  ``"MobileNet_V2_Weights.IMAGENET1K_V1"``; loaded through torchvision's own mechanism, i.e.
+  from ``$TORCH_HOME/hub/checkpoints`` when present, downloaded otherwise;
+- a path to a local state dict (``.pth``/``.pt``), optionally wrapped as ``{"state_dict": ...}``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.transforms import v2 as T
+
+#: ImageNet statistics used by every torchvision classifier and by the paper.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+#: The paper resizes every image to 224 x 224 (no crop), so boxes scale with the image.
+INPUT_SIZE: int = 224
+
+#: Target layers of the paper and of Score-CAM; other models use :func:`auto_target_layer`.
+DEFAULT_TARGET_LAYERS: dict[str, str] = {
+    "vgg16": "features.29",  # last ReLU of conv5_3: 512 x 14 x 14
+    "vgg16_bn": "features.42",
+    "resnet18": "layer4",  # 512 x 7 x 7
+    "resnet50": "layer4",
+    "mobilenet_v2": "features.18",  # 1280 x 7 x 7
+}
+
+
+class ShapCAMError(ValueError):
+    """Bad input to the library: the message says what was given and what would work."""
+
+
+@dataclass
+class LoadedModel:
+    """A classifier in eval mode with what is needed to explain it."""
+
+    model: nn.Module
+    name: str
+    weights: str
+    target_layer: str
+    categories: list[str] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def class_name(self, index: int) -> str:
+        return self.categories[index] if 0 <= index < len(self.categories) else str(index)
+
+
+def available_models() -> list[str]:
+    """Names of torchvision's image classifiers (``torchvision.models.list_models``)."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _suggest(name: str, candidates: list[str], limit: int = 8) -> str:
+    close = difflib.get_close_matches(name, candidates, n=limit, cutoff=0.5)
+    shown = close or candidates[:limit]
+    more = "" if len(candidates) <= len(shown) else f" (and {len(candidates) - len(shown)} more)"
+    return ", ".join(shown) + more
+
+
+def imagenet_categories() -> list[str]:
+    """The 1000 ILSVRC2012 class names, as torchvision's weight metadata ships them (offline)."""
+    return list(torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def _weights_enum(name: str, spec: str) -> torchvision.models.WeightsEnum:
+    enum_cls = torchvision.models.get_model_weights(name)
+    member = spec.split(".")[-1]
+    if "." in spec and spec.split(".")[0] != enum_cls.__name__:
+        raise ShapCAMError(
+            f"weights {spec!r} belong to another model; {name} takes {enum_cls.__name__}.*"
+        )
+    try:
+        return enum_cls[member] if member != "DEFAULT" else enum_cls.DEFAULT
+    except KeyError:
+        members = [m for m in enum_cls.__members__] + ["DEFAULT"]
+        raise ShapCAMError(
+            f"unknown weights {spec!r} for {name}; use one of {', '.join(members)}, "
+            "'random', or a path to a state-dict file"
+        ) from None
+
+
+def _load_state_dict_file(model: nn.Module, name: str, path: Path) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, pickle of something else, ...
+        raise ShapCAMError(f"cannot read weights file {path}: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ShapCAMError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        details = []
+        if missing:
+            details.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            details.append(
+                f"{len(wrong)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)}, "
+                f"{name} {tuple(own[k].shape)})"
+            )
+        raise ShapCAMError(
+            f"weights file {path} does not fit architecture {name!r}: {'; '.join(details)}. "
+            f"Pass the model name the file was trained with, or --num-classes if only the "
+            "classifier differs"
+        )
+    model.load_state_dict(state)
+
+
+def load_model(
+    name: str,
+    weights: str | os.PathLike[str] | None = "DEFAULT",
+    *,
+    target_layer: str | None = None,
+    num_classes: int | None = None,
+    device: str | torch.device = "cpu",
+    categories: list[str] | None = None,
+) -> LoadedModel:
+    """Load a torchvision classifier by name, in eval mode, on ``device``.
+
+    Args:
+        name: a torchvision classifier name (``vgg16``, ``resnet18``, ``mobilenet_v2``, ...).
+        weights: ``"random"``/``None``, a torchvision weight enum name, or a state-dict path.
+        target_layer: dotted module name to explain; defaults to :data:`DEFAULT_TARGET_LAYERS`
+            or :func:`auto_target_layer`.
+        num_classes: classifier size for random weights or a custom state dict (default 1000).
+        device: where the model lives; everything computed from it stays there.
+        categories: class names; defaults to the weights' metadata or the ImageNet names.
+    """
+    names = available_models()
+    if name not in names:
+        raise ShapCAMError(f"unknown model {name!r}; torchvision classifiers include: "
+                           f"{_suggest(name, names)}")
+    spec = "random" if weights is None else str(weights)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if spec == "random":
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+    elif os.path.sep in spec or spec.endswith((".pth", ".pt", ".bin")) or Path(spec).is_file():
+        path = Path(spec)
+        if not path.is_file():
+            raise ShapCAMError(f"weights file {path} does not exist")
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+        _load_state_dict_file(model, name, path)
+    else:
+        enum = _weights_enum(name, spec)
+        if num_classes not in (None, len(enum.meta["categories"])):
+            raise ShapCAMError(f"{enum} has {len(enum.meta['categories'])} classes, "
+                               f"not num_classes={num_classes}")
+        model = torchvision.models.get_model(name, weights=enum)
+        spec = str(enum)
+        categories = categories or list(enum.meta["categories"])
+    model.eval().to(device)
+    n_out = _num_outputs(model)
+    if categories is None:
+        categories = imagenet_categories() if n_out == 1000 else [str(i) for i in range(n_out)]
+    layer = target_layer or DEFAULT_TARGET_LAYERS.get(name) or auto_target_layer(model)
+    get_module(model, layer)  # validates the name
+    return LoadedModel(model=model, name=name, weights=spec, target_layer=layer,
+                       categories=list(categories))
+
+
+def _num_outputs(model: nn.Module) -> int:
+    last = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)][-1]
+    return last.out_features if isinstance(last, nn.Linear) else last.out_channels
+
+
+def get_module(model: nn.Module, layer: str) -> nn.Module:
+    """The sub-module called ``layer``; an unknown name lists the closest candidates."""
+    modules = dict(model.named_modules())
+    if layer not in modules or layer == "":
+        names = [n for n in modules if n]
+        raise ShapCAMError(f"layer {layer!r} does not exist in {type(model).__name__}; "
+                           f"closest names: {_suggest(layer, names)}")
+    return modules[layer]
+
+
+@torch.no_grad()
+def auto_target_layer(model: nn.Module, input_size: int = INPUT_SIZE) -> str:
+    """The last module whose output is still spatial (4-D, h*w > 1) before global pooling.
+
+    Found by one forward pass with hooks on every leaf and container module; among the modules
+    that output a 4-D map with more than one position, the one that finishes last wins (a
+    container finishes after its children, so a whole stage is preferred to its last ReLU).
+    """
+    order: list[tuple[str, tuple[int, ...]]] = []
+    hooks = []
+    for mname, module in model.named_modules():
+        if not mname:
+            continue
+
+        def hook(_m, _i, out, mname=mname):
+            if isinstance(out, torch.Tensor):
+                order.append((mname, tuple(out.shape)))
+
+        hooks.append(module.register_forward_hook(hook))
+    try:
+        device = next(model.parameters()).device
+        model(torch.zeros(1, 3, input_size, input_size, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+    spatial = [n for n, s in order if len(s) == 4 and s[2] * s[3] > 1]
+    if not spatial:
+        raise ShapCAMError(f"{type(model).__name__} has no module with a spatial output; "
+                           "pass target_layer explicitly")
+    return spatial[-1]
+
+
+def preprocess_transform(size: int = INPUT_SIZE) -> T.Compose:
+    """The paper's preprocessing: resize to ``size`` x ``size``, scale to [0, 1], normalise."""
+    return T.Compose([
+        T.ToImage(),
+        T.Resize((size, size), antialias=True),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def normalize(x01: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalise a [0, 1] batch ``(B, 3, H, W)`` (used after masking in [0, 1] space)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x01.device, dtype=x01.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x01.device, dtype=x01.dtype).view(1, 3, 1, 1)
+    return (x01 - mean) / std
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`normalize`, clipped to [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * std + mean).clamp(0, 1)

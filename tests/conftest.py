@@ -1,0 +1,57 @@
+"""Shared fixtures: real MobileNetV2 weights (installed by .ci/setup), sample photos, tiny CNNs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from shapcam.images import load_batch
+from shapcam.models import LoadedModel, load_model
+from shapcam.samples import sample_photo
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def mobilenet() -> LoadedModel:
+    """Real torchvision MobileNetV2 ImageNet weights, offline."""
+    from shapcam.weights import install_offline_weights
+
+    try:
+        install_offline_weights()
+    except RuntimeError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"real weights must be available in CI: {exc}")
+        pytest.skip(f"real MobileNetV2 weights not installed: {exc}")
+    return load_model("mobilenet_v2", "IMAGENET1K_V1")
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, torch.Tensor]:
+    names = ["chelsea", "coffee"]
+    x, _ = load_batch([sample_photo(n).path for n in names])
+    return dict(zip(names, x, strict=True))
+
+
+class TinyCNN(nn.Module):
+    """A small classifier with a GAP + FC head, like ResNet's."""
+
+    def __init__(self, channels: int = 8, classes: int = 5) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, channels, 3, stride=4, padding=1), nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+@pytest.fixture
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyCNN().eval()
