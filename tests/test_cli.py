@@ -1,0 +1,67 @@
+"""The command line on real photos, and its errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from shapcam.cli import app
+from shapcam.samples import sample_photo
+
+runner = CliRunner()
+
+
+@pytest.mark.real_weights
+def test_explain_writes_overlays_and_arrays(mobilenet, tmp_path):
+    paths = [str(sample_photo(n).path) for n in ("chelsea", "coffee")]
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["explain", *paths, "--model", "mobilenet_v2", "--weights",
+                              "IMAGENET1K_V1", "--permutations", "8", "--seed", "3", "--out",
+                              str(out)])
+    assert res.exit_code == 0, res.output
+    for stem in ("chelsea", "coffee"):
+        assert (out / f"{stem}.shapcam.png").stat().st_size > 10_000
+        data = np.load(out / f"{stem}.shapcam.npz")
+        assert data["map"].shape == (224, 224)
+        assert data["map"].min() >= 0 and data["map"].max() == pytest.approx(1.0)
+        assert data["raw"].shape == data["stderr"].shape == (7, 7)
+        assert int(data["permutations"]) == 8 and int(data["seed"]) == 3
+        assert int(data["evaluations"]) == 2 + 8 * 48
+        assert data["raw"].sum() == pytest.approx(float(data["v_full"] - data["v_empty"]),
+                                                  abs=1e-5)
+        assert 0 < float(data["probability"]) <= 1
+    assert str(np.load(out / "coffee.shapcam.npz")["class_name"]) == "espresso"
+
+
+@pytest.mark.real_weights
+def test_target_by_name_and_bad_files_are_skipped(mobilenet, tmp_path):
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("this is not an image")
+    good = str(sample_photo("coffee").path)
+    res = runner.invoke(app, ["explain", str(bad), good, "--weights", "IMAGENET1K_V1",
+                              "--model", "mobilenet_v2", "-k", "4", "--target", "cup",
+                              "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1
+    assert "notes.jpg is not a readable image" in res.output
+    data = np.load(tmp_path / "o" / "coffee.shapcam.npz")
+    assert int(data["target"]) == 968 and str(data["class_name"]) == "cup"
+
+
+def test_errors_are_clear(tmp_path):
+    img = str(sample_photo("coffee").path)
+    res = runner.invoke(app, ["explain", img, "--weights", "random", "--layer", "features.99",
+                              "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "layer 'features.99' does not exist" in res.output
+    res = runner.invoke(app, ["explain", img, "--weights", "random", "--target", "unicorn",
+                              "-k", "2", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "unknown class 'unicorn'" in res.output
+    res = runner.invoke(app, ["explain", img, "--weights", "random", "-k", "0",
+                              "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "permutations must be an integer >= 1" in res.output
+    res = runner.invoke(app, ["explain", img, "--weights", "random", "--method", "lime",
+                              "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "unknown method 'lime'" in res.output
+    res = runner.invoke(app, ["explain", str(tmp_path / "missing.png"), "--weights", "random",
+                              "-k", "2", "--out", str(tmp_path)])
+    assert res.exit_code == 1 and "missing.png does not exist" in res.output
