@@ -5,9 +5,10 @@ A *game* here is a batch of ``B`` games with the same ``n`` players, evaluated i
     game(index, masks) -> values        index: (M,) long, which game; masks: (M, n) bool
 
 so that one call can mix coalitions of several images (one forward pass of a CNN head).
-A game may also offer ``prefix_values(b, orders) -> (K, n + 1)``: the values of every prefix of
-each order, which a structured head computes far faster than mask by mask (see
-:mod:`shapcam.heads`). Any plain ``v(masks) -> values`` becomes a game with :class:`FunctionGame`.
+A game may also offer ``prefix_values(games, orders, v_empty, v_full) -> [(K, n + 1), ...]``:
+the values of every prefix of each order of the listed games, which a structured head computes
+far faster than mask by mask (see :mod:`shapcam.heads`). Any plain ``v(masks) -> values``
+becomes a game with :class:`FunctionGame`.
 
 Estimators (all satisfy efficiency, ``sum(phi) == v(N) - v(empty)``, on every sample):
 
@@ -247,8 +248,8 @@ def permutation_shapley(
     while active:
         orders = [draw_orders(generators[b], permutations, n, antithetic) for b in active]
         if fast is not None:
-            prefix = [fast(b, o.to(device), v_empty[b], v_full[b])
-                      for b, o in zip(active, orders, strict=True)]
+            idx = torch.tensor(active)
+            prefix = fast(active, [o.to(device) for o in orders], v_empty[idx], v_full[idx])
         else:
             prefix = _prefix_values_generic(game, orders, active, v_empty, v_full, batch_size,
                                             device)

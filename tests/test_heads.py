@@ -67,7 +67,7 @@ def _compare_paths(lm, features, *, block=None, baseline="zero", value="logit", 
     for b in range(features.shape[0]):
         orders = draw_orders(gen, K, n, antithetic=False)
         ends = g_slow(torch.tensor([b, b]), torch.stack([masks[0], masks[1]]))
-        got = g_fast.prefix_values(b, orders, ends[0].double(), ends[1].double())
+        got = g_fast.prefix_values([b], [orders], ends[:1].double(), ends[1:].double())[0]
         from shapcam.shapley import _prefix_values_generic
 
         want = _prefix_values_generic(g_slow, [orders], [b], ends[:1].double().expand(2),

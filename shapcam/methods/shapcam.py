@@ -66,8 +66,10 @@ class FeatureMaskGame:
 
     def _to_value(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
+        targets = targets.expand(logits.shape[:-1])
         if self.value == "logit":
             return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        # softmax then gather measured 2-3x faster than exp(z_c - logsumexp(z)) on CPU.
         return logits.softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -85,8 +87,10 @@ class FeatureMaskGame:
         rest = self.plan.rest
         if rest is None:
             return z
+        flat = z.reshape(-1, z.shape[-1])
         with self._autocast():
-            return torch.cat([rest(c) for c in z.split(self.batch_size)])
+            out = torch.cat([rest(c) for c in flat.split(self.batch_size)])
+        return out.view(*z.shape[:-1], out.shape[-1])
 
     @torch.no_grad()
     def __call__(self, index: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -107,10 +111,55 @@ class FeatureMaskGame:
             logits = self.head(masked)
         return self._to_value(logits, targets)
 
+    def _steps(self, b: int) -> torch.Tensor:
+        """Additive heads: the fixed move of z when each player joins, ``(n_players, out)``."""
+        step = self._evaluator(b).delta
+        if self.groups is not None:
+            step = torch.zeros(self.n_players, step.shape[1], dtype=step.dtype,
+                               device=step.device).index_add_(0, self.groups, step)
+        return step
+
     @torch.no_grad()
-    def prefix_values(self, b: int, orders: torch.Tensor, v_empty: torch.Tensor,
-                      v_full: torch.Tensor) -> torch.Tensor:
-        """Values of all prefixes of ``orders (K, n)`` for image ``b``: ``(K, n + 1)`` float64."""
+    def prefix_values(self, games: list[int], orders: list[torch.Tensor], v_empty: torch.Tensor,
+                      v_full: torch.Tensor) -> list[torch.Tensor]:
+        """Values of all prefixes of each game's orders ``(K, n)``: a list of ``(K, n + 1)``.
+
+        ``v_empty``/``v_full`` (one per listed game) are written at both ends of every order:
+        they are evaluated once per image, so efficiency holds exactly.
+        """
+        if self._evaluator(games[0]).additive:
+            out = self._prefix_additive(games, orders)
+        else:
+            out = [self._prefix_cells(b, o) for b, o in zip(games, orders, strict=True)]
+        n = self.n_players
+        for values, lo, hi in zip(out, v_empty, v_full, strict=True):
+            values[:, 0], values[:, n] = lo, hi
+        return out
+
+    def _prefix_additive(self, games: list[int], orders: list[torch.Tensor]
+                         ) -> list[torch.Tensor]:
+        # z(prefix) = z_empty + cumsum of the players' steps: one gather, one cumsum and one
+        # softmax for all images of the batch (per-op overhead dominates per-image calls).
+        steps = torch.stack([self._steps(b) for b in games])  # (G, n, out)
+        z_empty = torch.stack([self._evaluator(b).z_empty for b in games])  # (G, out)
+        order = torch.stack(orders)  # (G, K, n)
+        G, K, n = order.shape
+        width = steps.shape[-1]
+        targets = self.targets[torch.tensor(games, device=self.device)]
+        out = torch.empty(G, K, n + 1, dtype=torch.float64, device=self.device)
+        chunk = max(1, _FAST_CHUNK_ELEMENTS // ((n + 1) * width * G))
+        rows = torch.arange(G, device=self.device).view(G, 1, 1)
+        for s in range(0, K, chunk):
+            o = order[:, s:s + chunk]
+            k = o.shape[1]
+            # Row 0 of each walk is z_empty, so one cumsum yields every prefix's z.
+            walk = torch.cat([z_empty.view(G, 1, 1, width).expand(G, k, 1, width),
+                              steps[rows, o]], dim=2)
+            z = walk.cumsum_(2)
+            out[:, s:s + k] = self._to_value(self._rest(z), targets.view(G, 1, 1))
+        return list(out.unbind(0))
+
+    def _prefix_cells(self, b: int, orders: torch.Tensor) -> torch.Tensor:
         K, n = orders.shape
         ev = self._evaluator(b)
         out = torch.empty(K, n + 1, dtype=torch.float64, device=self.device)
@@ -119,16 +168,10 @@ class FeatureMaskGame:
         steps = torch.arange(n + 1, device=orders.device).view(1, n + 1, 1)
         width = ev.table.shape[-1]
         chunk = max(1, _FAST_CHUNK_ELEMENTS // ((n + 1) * max(width, ev.n_positions)))
-        target = self.targets[b]
         for s in range(0, K, chunk):
             present = self._positions(rank[s:s + chunk].unsqueeze(1) < steps)  # (k, n+1, pos)
             z = ev.prefix_logits(present)
-            k = z.shape[0]
-            logits = self._rest(z.reshape(k * (n + 1), -1))
-            out[s:s + k] = self._to_value(logits, target.expand(k * (n + 1))).view(k, n + 1)
-        # Endpoints shared by every order, evaluated once per image: efficiency is exact.
-        out[:, 0] = v_empty
-        out[:, n] = v_full
+            out[s:s + z.shape[0]] = self._to_value(self._rest(z), self.targets[b])
         return out
 
 
