@@ -138,25 +138,26 @@ class FeatureMaskGame:
 
     def _prefix_additive(self, games: list[int], orders: list[torch.Tensor]
                          ) -> list[torch.Tensor]:
-        # z(prefix) = z_empty + cumsum of the players' steps: one gather, one cumsum and one
-        # softmax for all images of the batch (per-op overhead dominates per-image calls).
-        steps = torch.stack([self._steps(b) for b in games])  # (G, n, out)
-        z_empty = torch.stack([self._evaluator(b).z_empty for b in games])  # (G, out)
+        # z(prefix) = z_empty + cumsum of the players' steps, for all images of the batch in
+        # one gather, one cumsum and one softmax (per-op overhead dominates per-image calls).
+        # z_empty is stored as an extra step 0 of each image, so the gather yields the walk.
+        G, (K, n) = len(games), orders[0].shape
+        table = torch.cat([torch.stack([self._evaluator(b).z_empty for b in games]).unsqueeze(1),
+                           torch.stack([self._steps(b) for b in games])], 1)  # (G, n + 1, out)
+        width = table.shape[-1]
+        table = table.reshape(G * (n + 1), width)
         order = torch.stack(orders)  # (G, K, n)
-        G, K, n = order.shape
-        width = steps.shape[-1]
-        targets = self.targets[torch.tensor(games, device=self.device)]
+        offset = (torch.arange(G, device=self.device) * (n + 1)).view(G, 1, 1)
+        targets = self.targets[torch.tensor(games, device=self.device)].view(G, 1, 1)
         out = torch.empty(G, K, n + 1, dtype=torch.float64, device=self.device)
-        chunk = max(1, _FAST_CHUNK_ELEMENTS // ((n + 1) * width * G))
-        rows = torch.arange(G, device=self.device).view(G, 1, 1)
+        chunk = max(1, _FAST_CHUNK_ELEMENTS // (n * width * G))
         for s in range(0, K, chunk):
             o = order[:, s:s + chunk]
-            k = o.shape[1]
-            # Row 0 of each walk is z_empty, so one cumsum yields every prefix's z.
-            walk = torch.cat([z_empty.view(G, 1, 1, width).expand(G, k, 1, width),
-                              steps[rows, o]], dim=2)
-            z = walk.cumsum_(2)
-            out[:, s:s + k] = self._to_value(self._rest(z), targets.view(G, 1, 1))
+            # Walk rows: z_empty, then the first n - 1 players (the full set is v_full).
+            walk = torch.cat([torch.zeros_like(o[..., :1]), o[..., :-1] + 1], -1) + offset
+            z = table[walk].cumsum_(2)  # (G, k, n, out): prefixes 0 .. n - 1
+            # Contiguous rows (row 0 included) are cheaper than a strided slice's copy.
+            out[:, s:s + o.shape[1], 1:n] = self._to_value(self._rest(z), targets)[:, :, 1:]
         return list(out.unbind(0))
 
     def _prefix_cells(self, b: int, orders: torch.Tensor) -> torch.Tensor:
