@@ -51,7 +51,7 @@ def timed(fn: Callable[[], object], repeat: int = 1) -> float:
 
 
 def captum_time(head: torch.nn.Module, features: torch.Tensor, targets: torch.Tensor, K: int,
-                ppe_choices: list[int]) -> tuple[float, int]:
+                ppe_choices: list[int], repeat: int) -> tuple[float, int]:
     """Per-image seconds of captum's ShapleyValueSampling at its best perturbations_per_eval."""
     from captum.attr import ShapleyValueSampling
 
@@ -70,11 +70,11 @@ def captum_time(head: torch.nn.Module, features: torch.Tensor, targets: torch.Te
                     svs.attribute(features[b:b + 1], baselines=0.0, target=int(targets[b]),
                                   n_samples=K, perturbations_per_eval=ppe, feature_mask=mask)
 
-        results.append((timed(run) / features.shape[0], ppe))
+        results.append((timed(run, repeat) / features.shape[0], ppe))
     return min(results)
 
 
-def speed_table(device: str, quick: bool) -> list[str]:
+def speed_table(device: str, quick: bool, repeat: int) -> list[str]:
     photos, _ = load_batch(sample_paths())
     rows = ["| head | players | K | captum best (s/img) | ours generic (s/img) | "
             "ours fast path (s/img) | captum / ours | generic / fast |",
@@ -98,9 +98,11 @@ def speed_table(device: str, quick: bool) -> list[str]:
         def ours(cam: ShapCAM, features=features, logits=logits, targets=targets, x=x) -> None:
             cam.raw_maps(x, targets, features=features, logits=logits)
 
-        t_fast = timed(lambda cam=fast: ours(cam), repeat=1 if name == "vgg16" else 3) / B
-        t_slow = timed(lambda cam=slow: ours(cam)) / B
-        t_captum, best_ppe = captum_time(fast.head, features, targets, K, ppe)
+        # Same number of timed runs for every contender (best of them: the VM is noisy).
+        reps = 1 if name == "vgg16" else repeat
+        t_fast = timed(lambda cam=fast: ours(cam), reps) / B
+        t_slow = timed(lambda cam=slow: ours(cam), reps) / B
+        t_captum, best_ppe = captum_time(fast.head, features, targets, K, ppe, reps)
         n = features.shape[-1] * features.shape[-2]
         rows.append(f"| {name} ({fast.target_layer}) | {n} | {K} | {t_captum:.3f} "
                     f"(ppe={best_ppe}) | {t_slow:.3f} | {t_fast:.4f} | "
@@ -166,11 +168,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip ScoreCAM, fewer seeds")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per contender")
     args = parser.parse_args()
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
-    rows = speed_table(args.device, args.quick) + [""] + quality_tables(args.device, args.quick)
+    rows = speed_table(args.device, args.quick, args.repeat)
+    rows += [""] + quality_tables(args.device, args.quick)
     print("\n" + "\n".join(rows))
 
 

@@ -5,7 +5,17 @@
     result = ShapCAM(lm)(x)          # x: (B, 3, 224, 224) normalised; result.maps in [0, 1]
 """
 
-from .methods import METHODS, CAMMethod, CAMResult, ShapCAM
+from .methods import (
+    METHODS,
+    RISE,
+    CAMMethod,
+    CAMResult,
+    GradCAM,
+    GradCAMPlusPlus,
+    MeaningfulPerturbation,
+    ScoreCAM,
+    ShapCAM,
+)
 from .models import LoadedModel, ShapCAMError, load_model, preprocess_transform
 from .shapley import ShapleyResult, block_groups, exact_shapley, permutation_shapley
 from .split import split_model
@@ -13,7 +23,8 @@ from .split import split_model
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "CAMMethod", "CAMResult", "LoadedModel", "ShapCAM", "ShapCAMError",
+    "METHODS", "RISE", "CAMMethod", "GradCAM", "GradCAMPlusPlus", "MeaningfulPerturbation",
+    "ScoreCAM", "CAMResult", "LoadedModel", "ShapCAM", "ShapCAMError",
     "ShapleyResult", "block_groups", "exact_shapley", "load_model", "permutation_shapley",
     "preprocess_transform", "split_model",
 ]

@@ -36,7 +36,10 @@ def _resolve_target(target: str | None, lm: LoadedModel) -> int | None:
 def _build_method(method: str, lm: LoadedModel, options: dict[str, Any]):
     if method not in METHODS:
         raise ShapCAMError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
-    return METHODS[method](lm, **options)
+    try:
+        return METHODS[method](lm, **options)
+    except TypeError as exc:  # an option this method does not take
+        raise ShapCAMError(f"bad option for {method}: {exc}") from exc
 
 
 def _save(result, i: int, image, stem: str, method: str, out: Path, lm: LoadedModel) -> None:
@@ -103,6 +106,26 @@ def run_explain(paths: list[Path], lm: LoadedModel, method: str, options: dict[s
     return failures
 
 
+def _parse_settings(items: list[str]) -> dict[str, Any]:
+    """``["n_masks=500", "lr=0.05", "eps=1e-6"]`` -> typed constructor options."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ShapCAMError(f"--set expects KEY=VALUE, got {item!r} (e.g. --set n_masks=500)")
+        value: Any = raw
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                continue
+        if raw in ("true", "false"):
+            value = raw == "true"
+        options[key.replace("-", "_")] = value
+    return options
+
+
 def _fail(exc: Exception) -> None:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -131,6 +154,9 @@ def explain(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = (
         "cuda" if torch.cuda.is_available() else "cpu"),
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/explain"),
+    settings: Annotated[list[str] | None, typer.Option(
+        "--set", help="Method option KEY=VALUE, repeatable (e.g. --set n_masks=500 for rise, "
+        "--set iterations=100 for mask, --set batch_size=32 for scorecam).")] = None,
 ) -> None:
     """Explain images: writes <stem>.<method>.png (overlay) and <stem>.<method>.npz."""
     try:
@@ -140,6 +166,7 @@ def explain(
             options = {"permutations": permutations, "antithetic": antithetic, "block": block,
                        "value": value, "baseline": baseline, "batch_size": batch_size,
                        "seed": seed}
+        options.update(_parse_settings(settings or []))
         failures = run_explain(images, lm, method, options, target, out, seed=seed)
     except ShapCAMError as exc:
         _fail(exc)
@@ -168,7 +195,7 @@ def demo(
     explain(sample_paths(), model="mobilenet_v2", weights="IMAGENET1K_V1", layer=None,
             method="shapcam", permutations=permutations, antithetic=False, block=None,
             value="probability", baseline="zero", target=None, seed=0, batch_size=1024,
-            device=device, out=out)
+            device=device, out=out, settings=[])
 
 
 @app.command()

@@ -65,3 +65,18 @@ def test_errors_are_clear(tmp_path):
     res = runner.invoke(app, ["explain", str(tmp_path / "missing.png"), "--weights", "random",
                               "-k", "2", "--out", str(tmp_path)])
     assert res.exit_code == 1 and "missing.png does not exist" in res.output
+
+
+def test_baseline_methods_with_options(tmp_path):
+    img = str(sample_photo("coffee").path)
+    res = runner.invoke(app, ["explain", img, "--weights", "random", "--method", "rise",
+                              "--set", "n_masks=8", "--set", "batch_size=8", "--out",
+                              str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    data = np.load(tmp_path / "coffee.rise.npz")
+    assert data["map"].shape == (224, 224) and "stderr" not in data
+    res = runner.invoke(app, ["explain", img, "--weights", "random", "--method", "gradcam",
+                              "--set", "n_masks=8", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "bad option for gradcam" in res.output
+    res = runner.invoke(app, ["explain", img, "--weights", "random", "--set", "oops"])
+    assert res.exit_code == 2 and "--set expects KEY=VALUE" in res.output
