@@ -80,3 +80,33 @@ def test_baseline_methods_with_options(tmp_path):
     assert res.exit_code == 2 and "bad option for gradcam" in res.output
     res = runner.invoke(app, ["explain", img, "--weights", "random", "--set", "oops"])
     assert res.exit_code == 2 and "--set expects KEY=VALUE" in res.output
+
+
+@pytest.mark.real_weights
+def test_evaluate_prints_the_papers_table(mobilenet, tmp_path):
+    import json
+
+    out = tmp_path / "eval.json"
+    res = runner.invoke(app, ["evaluate", "--dataset", "sample", "--root", str(tmp_path / "s"),
+                              "--methods", "gradcam,shapcam", "--n-images", "2",
+                              "--set", "shapcam.permutations=16", "--no-causal",
+                              "--protocol", "gradcampp", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "| metric | Grad-CAM | Shap-CAM |" in res.output
+    assert "protocol `gradcampp`" in res.output and "(2 images, seed 0)" in res.output
+    data = json.loads(out.read_text())
+    assert len(data["rows"]) == 4 and {r["protocol"] for r in data["rows"]} == {"gradcampp"}
+    drops = [r["avg_drop"] for r in data["rows"] if r["method"] == "gradcam"]
+    avg = data["table"]["rows"][0]["values"][0]
+    assert abs(avg - sum(drops) / 2) < 1e-9
+    assert all(0 <= r["avg_drop"] <= 100 for r in data["rows"])
+
+
+def test_evaluate_rejects_bad_arguments(tmp_path):
+    res = runner.invoke(app, ["evaluate", "--protocol", "paper", "--root", str(tmp_path)])
+    assert res.exit_code == 2 and "unknown protocol 'paper'" in res.output
+    res = runner.invoke(app, ["evaluate", "--dataset", "voc", "--root", str(tmp_path)])
+    assert res.exit_code == 2 and "ImageSets/Main" in res.output
+    res = runner.invoke(app, ["evaluate", "--methods", "gradcam", "--set", "rise.n_masks=4",
+                              "--root", str(tmp_path)])
+    assert res.exit_code == 2 and "--set rise.n_masks" in res.output

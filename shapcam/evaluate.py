@@ -1,0 +1,176 @@
+"""The paper's evaluation as a plain loop: methods x images -> per-image rows and a table.
+
+The orchestration layer runs the same functions shard by shard; this module only needs torch.
+Rows carry the protocol variant, so tables of different variants are never mixed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .data.records import ImageRecord, load_example, localisation_filter
+from .methods import METHODS, CAMMethod
+from .metrics import confidence_metrics, deletion_insertion, energy_pointing_game
+from .models import LoadedModel, ShapCAMError
+
+#: Table rows: (row label, column of the per-image rows, how to aggregate).
+TABLE_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("Average Drop % (lower is better)", "avg_drop", "mean"),
+    ("Increase in Confidence % (higher)", "increase", "percent"),
+    ("Proportion % (energy pointing game, higher)", "proportion", "percent"),
+    ("Deletion AUC (lower)", "deletion", "mean"),
+    ("Insertion AUC (higher)", "insertion", "mean"),
+)
+
+METHOD_TITLES = {"mask": "Mask", "rise": "RISE", "gradcam": "Grad-CAM",
+                 "gradcampp": "Grad-CAM++", "scorecam": "Score-CAM", "shapcam": "Shap-CAM"}
+
+
+@dataclass
+class MetricRow:
+    """One image explained by one method."""
+
+    image_id: str
+    method: str
+    protocol: str
+    target: int = -1
+    label: int = -1
+    y: float = math.nan
+    o: float = math.nan
+    avg_drop: float = math.nan
+    increase: float = math.nan
+    proportion: float = math.nan  # NaN unless the image passes the localisation filter
+    deletion: float = math.nan
+    insertion: float = math.nan
+    seconds: float = math.nan
+    error: str | None = None
+
+
+def evaluate_records(
+    lm: LoadedModel,
+    records: Sequence[ImageRecord],
+    methods: Sequence[str],
+    *,
+    protocol: str = "scorecam",
+    target: str = "predicted",
+    method_options: dict[str, dict[str, Any]] | None = None,
+    batch_images: int = 8,
+    causal: bool = True,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> list[MetricRow]:
+    """Explain and evaluate ``records`` with each method; per-image failures become rows with
+    ``error`` set and the run goes on."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ShapCAMError(f"unknown method(s) {', '.join(unknown)}; available: "
+                           f"{', '.join(METHODS)}")
+    if target not in ("predicted", "label"):
+        raise ShapCAMError(f"target must be 'predicted' or 'label', got {target!r}")
+    options = method_options or {}
+    cams: dict[str, CAMMethod] = {m: METHODS[m](lm, **options.get(m, {})) for m in methods}
+    rows: list[MetricRow] = []
+    device = lm.device
+    for start in range(0, len(records), batch_images):
+        chunk = records[start:start + batch_images]
+        ok: list[tuple[ImageRecord, torch.Tensor, dict[int, torch.Tensor]]] = []
+        for rec in chunk:
+            try:
+                x, boxes, _ = load_example(rec)
+                ok.append((rec, x, boxes))
+            except ShapCAMError as exc:
+                rows += [MetricRow(rec.image_id, m, protocol, label=rec.label, error=str(exc))
+                         for m in methods]
+        if ok:
+            x = torch.stack([t for _, t, _ in ok]).to(device)
+            labels = torch.tensor([r.label for r, _, _ in ok], device=device)
+            targets = labels if target == "label" else None
+            for name, cam in cams.items():
+                rows += _evaluate_batch(cam, name, lm, ok, x, targets, labels, protocol, causal,
+                                        seed)
+        if progress is not None:
+            progress(len(chunk))
+    return rows
+
+
+def _evaluate_batch(cam: CAMMethod, name: str, lm: LoadedModel, ok, x: torch.Tensor,
+                    targets: torch.Tensor | None, labels: torch.Tensor, protocol: str,
+                    causal: bool, seed: int) -> list[MetricRow]:
+    t0 = time.perf_counter()
+    kwargs = {"seeds": seed} if name == "shapcam" else {}
+    try:
+        result = cam(x, targets, **kwargs)
+    except (ShapCAMError, RuntimeError) as exc:  # e.g. out of memory: record, go on
+        return [MetricRow(r.image_id, name, protocol, label=r.label, error=f"{name}: {exc}")
+                for r, _, _ in ok]
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / x.shape[0]
+    tg = result.targets
+    conf = confidence_metrics(lm.model, x, result.maps, tg, protocol)
+    boxes = [b.get(int(t), torch.zeros(0, 4)) for (_, _, b), t in zip(ok, tg.tolist(),
+                                                                    strict=True)]
+    energy = energy_pointing_game(result.maps, boxes)
+    di = deletion_insertion(lm.model, x, result.maps, tg) if causal else None
+    rows = []
+    for i, (rec, _, _) in enumerate(ok):
+        filtered = localisation_filter(rec, int(tg[i]))
+        rows.append(MetricRow(
+            rec.image_id, name, protocol, target=int(tg[i]), label=int(labels[i]),
+            y=float(conf["y"][i]), o=float(conf["o"][i]), avg_drop=float(conf["avg_drop"][i]),
+            increase=float(conf["increase"][i]),
+            proportion=float(energy[i]) if filtered else math.nan,
+            deletion=float(di["deletion"][i]) if di else math.nan,
+            insertion=float(di["insertion"][i]) if di else math.nan, seconds=seconds))
+    return rows
+
+
+def summary_table(rows: Sequence[MetricRow], methods: Sequence[str]) -> dict[str, Any]:
+    """The paper's table shape: one row per metric, one column per method (plus counts)."""
+    table: dict[str, Any] = {"columns": [METHOD_TITLES.get(m, m) for m in methods], "rows": []}
+    for label, key, how in TABLE_ROWS:
+        values = []
+        for m in methods:
+            vals = [getattr(r, key) for r in rows if r.method == m and r.error is None]
+            vals = [v for v in vals if not math.isnan(v)]
+            if not vals:
+                values.append(None)
+            elif how == "percent":
+                values.append(100 * sum(vals) / len(vals))
+            else:
+                values.append(sum(vals) / len(vals))
+        table["rows"].append({"metric": label, "values": values})
+    table["images"] = {m: sum(1 for r in rows if r.method == m and r.error is None)
+                       for m in methods}
+    table["failed"] = {m: sum(1 for r in rows if r.method == m and r.error) for m in methods}
+    table["proportion_images"] = {
+        m: sum(1 for r in rows if r.method == m and not math.isnan(r.proportion))
+        for m in methods}
+    table["seconds_per_image"] = {
+        m: (sum(r.seconds for r in rows if r.method == m and r.error is None)
+            / max(1, table["images"][m])) for m in methods}
+    return table
+
+
+def format_table(table: dict[str, Any], caption: str) -> str:
+    """Markdown table with the caption above it."""
+    cols = table["columns"]
+    lines = [caption, "", "| metric | " + " | ".join(cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for row in table["rows"]:
+        cells = ["n/a" if v is None else f"{v:.2f}" if "AUC" not in row["metric"] else f"{v:.3f}"
+                 for v in row["values"]]
+        lines.append(f"| {row['metric']} | " + " | ".join(cells) + " |")
+    lines.append("| seconds per image | " + " | ".join(
+        f"{table['seconds_per_image'][m]:.2f}" for m in table["images"]) + " |")
+    return "\n".join(lines)
+
+
+def rows_as_dicts(rows: Sequence[MetricRow]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in rows]
