@@ -118,8 +118,9 @@ class RISE(CAMMethod):
         return sal, {"forward_passes": torch.full((B,), N)}
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = max(1, int(round(3 * sigma)))
+def _gaussian_blur(x: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur with reflected borders (cv2.GaussianBlur's default border)."""
+    radius = kernel // 2
     t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-t**2 / (2 * sigma**2))
     k = k / k.sum()
@@ -133,7 +134,9 @@ class MeaningfulPerturbation(CAMMethod):
     """Mask / meaningful perturbation (Fong & Vedaldi, ICCV 2017), reference defaults.
 
     A ``mask_size x mask_size`` mask ``m`` (1 keeps, 0 deletes), upsampled bilinearly, blends the
-    image with a blurred copy: ``x_m = x * m + blur(x) * (1 - m)``. It is optimised with Adam to
+    image with a blurred copy: ``x_m = x * m + blur(x) * (1 - m)`` (blur: Gaussian, kernel 11,
+    sigma 5, as the reference PyTorch re-implementation; its per-iteration input noise is left
+    out so results are deterministic). It is optimised with Adam to
     minimise ``l1 * mean|1 - m| + tv * mean(|grad m|^beta) + softmax(f(x_m))[c]``, ``m`` clamped
     to [0, 1] after each step, starting from all ones. The saliency is ``1 - m``.
     Cost: ``iterations`` forward + backward passes per image (batched over images).
@@ -143,15 +146,16 @@ class MeaningfulPerturbation(CAMMethod):
 
     def __init__(self, model, target_layer: str | None = None, *, mask_size: int = 28,
                  lr: float = 0.1, iterations: int = 500, l1: float = 0.01, tv: float = 0.2,
-                 beta: float = 3.0, blur_sigma: float = 10.0) -> None:
+                 beta: float = 3.0, blur_kernel: int = 11, blur_sigma: float = 5.0) -> None:
         super().__init__(model, target_layer)
         self.mask_size, self.lr, self.iterations = mask_size, lr, iterations
-        self.l1, self.tv, self.beta, self.blur_sigma = l1, tv, beta, blur_sigma
+        self.l1, self.tv, self.beta = l1, tv, beta
+        self.blur_kernel, self.blur_sigma = blur_kernel, blur_sigma
 
     def raw_maps(self, x: torch.Tensor, targets: torch.Tensor, *, features: torch.Tensor,
                  logits: torch.Tensor, **_: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         B = x.shape[0]
-        blurred = _gaussian_blur(x, self.blur_sigma)
+        blurred = _gaussian_blur(x, self.blur_kernel, self.blur_sigma)
         m = torch.ones(B, 1, self.mask_size, self.mask_size, device=x.device, requires_grad=True)
         opt = torch.optim.Adam([m], lr=self.lr)
         with torch.enable_grad():
