@@ -1,1 +1,13 @@
-"""Filled by a later issue (see DESIGN.md §2)."""
+"""Persistence and queries: the Zarr saliency store, Parquet tables, the query API.
+
+Imports numpy, zarr, pyarrow (pandas, duckdb, xarray for queries); never torch or Prefect.
+"""
+
+from .errors import IncompleteShardError, SchemaVersionError, StorageError
+from .query import Run, open_run
+from .saliency import SCHEMA_VERSION, SaliencyStore, TableSpec
+from .tables import write_manifest, write_metrics_shard, write_summary
+
+__all__ = ["SCHEMA_VERSION", "IncompleteShardError", "Run", "SaliencyStore", "SchemaVersionError",
+           "StorageError", "TableSpec", "open_run", "write_manifest", "write_metrics_shard",
+           "write_summary"]

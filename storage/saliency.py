@@ -1,0 +1,250 @@
+"""The Zarr v3 saliency store of one run.
+
+Layout (``docs/storage.md`` has the diagram)::
+
+    <run>/maps.zarr/                     group; attrs: schema_version, run_id, config, ...
+        <dataset>/<model>/               group; attrs: n_images, shard_size, methods, ...
+            images/  image_id label target probability width height boxes
+            <method>/  maps (N, H, W) float16   raw (N, h, w) float32   [stderr (N, h, w)]
+    <run>/shards/<dataset>/<model>/shard-00003.json     completion record of one shard
+
+Every per-image array is chunked ``shard_size`` images along its first axis, so one shard owns
+whole chunks of every array and concurrent writers (processes) never touch the same chunk. A
+shard is complete when its JSON record exists; the record is written (temp file + rename) only
+after all its chunks. Reading a shard that is not complete raises
+:class:`IncompleteShardError` instead of returning fill values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .errors import IncompleteShardError, SchemaVersionError, StorageError, storage_errors
+
+#: Bumped on any incompatible layout change; readers refuse other major versions.
+SCHEMA_VERSION = 1
+MAX_BOXES = 16
+
+
+def _compressor() -> zarr.codecs.BloscCodec:
+    # zstd through Blosc with byte shuffle: best size/speed trade-off measured for [0,1] float16.
+    return zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """Sizes of one dataset x model table of the store."""
+
+    n_images: int
+    shard_size: int
+    map_shape: tuple[int, int]
+    raw_shapes: dict[str, tuple[int, int]]  # method -> layer resolution of its raw map
+    stderr_methods: tuple[str, ...] = ("shapcam",)
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.n_images / self.shard_size)
+
+    def shard_slice(self, shard: int) -> slice:
+        if not 0 <= shard < self.n_shards:
+            raise StorageError(f"shard {shard} does not exist: this table has shards "
+                               f"0..{self.n_shards - 1}")
+        return slice(shard * self.shard_size, min(self.n_images, (shard + 1) * self.shard_size))
+
+
+class SaliencyStore:
+    """Create, fill and read a run's saliency store (local path)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.zarr_path = self.root / "maps.zarr"
+
+    # -- creation ------------------------------------------------------------------------
+    @classmethod
+    def create(cls, root: str | os.PathLike[str], run_id: str,
+               attributes: Mapping[str, Any] | None = None) -> SaliencyStore:
+        """Create the store (or open it if it exists with the same run id)."""
+        store = cls(root)
+        with storage_errors(store.zarr_path):
+            store.root.mkdir(parents=True, exist_ok=True)
+            if (store.zarr_path / "zarr.json").exists():
+                existing = store.attrs
+                if existing.get("run_id") != run_id:
+                    raise StorageError(f"{store.zarr_path} belongs to run "
+                                       f"{existing.get('run_id')!r}, not {run_id!r}")
+                return store
+            group = zarr.open_group(store.zarr_path, mode="w", zarr_format=3)
+            group.attrs.update({"schema_version": SCHEMA_VERSION, "run_id": run_id,
+                                **dict(attributes or {})})
+        return store
+
+    def init_table(self, dataset: str, model: str, image_ids: Sequence[str],
+                   labels: Sequence[int], spec: TableSpec,
+                   attributes: Mapping[str, Any] | None = None) -> None:
+        """Create the arrays of one dataset x model table (idempotent for the same spec)."""
+        if len(image_ids) != spec.n_images or len(labels) != spec.n_images:
+            raise StorageError(f"{len(image_ids)} ids / {len(labels)} labels for "
+                               f"n_images={spec.n_images}")
+        path = f"{dataset}/{model}"
+        with storage_errors(self.zarr_path):
+            root = self._group(mode="a")
+            if path in root:
+                old = dict(root[path].attrs)
+                if old.get("spec") != _spec_json(spec):
+                    raise StorageError(f"table {path} exists with another layout "
+                                       f"{old.get('spec')}; use a new run id")
+                return
+            g = root.require_group(path)
+            S, N = spec.shard_size, spec.n_images
+            images = g.require_group("images")
+            ids = images.create_array("image_id", shape=(N,), chunks=(N,), dtype=str,
+                                      dimension_names=("image",))
+            ids[:] = np.asarray(image_ids, dtype=str)
+            lab = images.create_array("label", shape=(N,), chunks=(N,), dtype="int32",
+                                      fill_value=-1, dimension_names=("image",))
+            lab[:] = np.asarray(labels, dtype=np.int32)
+            for name, dtype, fill in (("target", "int32", -1), ("probability", "float32", np.nan),
+                                      ("width", "int32", -1), ("height", "int32", -1)):
+                images.create_array(name, shape=(N,), chunks=(S,), dtype=dtype, fill_value=fill,
+                                    dimension_names=("image",))
+            images.create_array("boxes", shape=(N, MAX_BOXES, 4), chunks=(S, MAX_BOXES, 4),
+                                dtype="float32", fill_value=np.nan,
+                                dimension_names=("image", "box", "coord"))
+            H, W = spec.map_shape
+            for method, (h, w) in spec.raw_shapes.items():
+                m = g.require_group(method)
+                m.create_array("maps", shape=(N, H, W), chunks=(S, H, W), dtype="float16",
+                               compressors=_compressor(), fill_value=np.nan,
+                               dimension_names=("image", "y", "x"))
+                m.create_array("raw", shape=(N, h, w), chunks=(S, h, w), dtype="float32",
+                               compressors=_compressor(), fill_value=np.nan,
+                               dimension_names=("image", "row", "col"))
+                if method in spec.stderr_methods:
+                    m.create_array("stderr", shape=(N, h, w), chunks=(S, h, w),
+                                   dtype="float32", compressors=_compressor(),
+                                   fill_value=np.nan, dimension_names=("image", "row", "col"))
+            g.attrs.update({"spec": _spec_json(spec), "dataset": dataset, "model": model,
+                            **dict(attributes or {})})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # consolidated metadata: not yet in the v3 spec
+                zarr.consolidate_metadata(self.zarr_path)
+
+    # -- writing -------------------------------------------------------------------------
+    def write_shard(self, dataset: str, model: str, shard: int,
+                    images: Mapping[str, np.ndarray],
+                    methods: Mapping[str, Mapping[str, np.ndarray]],
+                    record: Mapping[str, Any] | None = None) -> Path:
+        """Write every array region of ``shard`` then its completion record. Idempotent.
+
+        ``images``: ``target, probability, width, height`` (``(n,)``) and optional ``boxes``
+        (``(n, k, 4)``, NaN padded); ``methods[name]``: ``maps (n, H, W)`` in [0, 1], ``raw``,
+        and ``stderr`` where the table has it.
+        """
+        spec, g = self.table(dataset, model)
+        sl = spec.shard_slice(shard)
+        n = sl.stop - sl.start
+        with storage_errors(self.zarr_path):
+            for name in ("target", "probability", "width", "height"):
+                if name in images:
+                    g["images"][name][sl] = _check(images[name], (n,), f"images.{name}")
+            if "boxes" in images:
+                boxes = np.full((n, MAX_BOXES, 4), np.nan, dtype=np.float32)
+                b = np.asarray(images["boxes"], dtype=np.float32)
+                boxes[:, : min(MAX_BOXES, b.shape[1])] = b[:, :MAX_BOXES]
+                g["images"]["boxes"][sl] = boxes
+            for method, arrays in methods.items():
+                if method not in spec.raw_shapes:
+                    raise StorageError(f"method {method!r} is not in table {dataset}/{model} "
+                                       f"(it has {', '.join(spec.raw_shapes)})")
+                for name, value in arrays.items():
+                    arr = g[method][name]
+                    arr[sl] = _check(value, (n, *arr.shape[1:]), f"{method}.{name}")
+            done = self._marker(dataset, model, shard)
+            done.parent.mkdir(parents=True, exist_ok=True)
+            tmp = done.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"shard": shard, "images": n, **dict(record or {})}))
+            tmp.replace(done)
+        return done
+
+    # -- reading -------------------------------------------------------------------------
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self._group(mode="r").attrs)
+
+    def _group(self, mode: str = "r") -> zarr.Group:
+        if not (self.zarr_path / "zarr.json").exists():
+            raise StorageError(f"{self.zarr_path} is not a saliency store (no zarr.json); "
+                               "pass the run folder that holds maps.zarr")
+        group = zarr.open_group(self.zarr_path, mode=mode, zarr_format=3)
+        version = group.attrs.get("schema_version")
+        if version != SCHEMA_VERSION:
+            newer = isinstance(version, int) and version > SCHEMA_VERSION
+            raise SchemaVersionError(
+                f"{self.zarr_path} has schema version {version}, this shapcam reads version "
+                f"{SCHEMA_VERSION}: " + ("upgrade shapcam to read it" if newer else
+                                         "re-run it or read it with the shapcam that wrote it"))
+        return group
+
+    def tables(self) -> list[tuple[str, str]]:
+        root = self._group()
+        return sorted((d, m) for d, dg in root.groups() for m, _ in dg.groups())
+
+    def table(self, dataset: str, model: str) -> tuple[TableSpec, zarr.Group]:
+        root = self._group(mode="a")
+        path = f"{dataset}/{model}"
+        if path not in root:
+            have = ", ".join(f"{d}/{m}" for d, m in self.tables()) or "none"
+            raise StorageError(f"no table {path} in {self.zarr_path} (tables: {have})")
+        g = root[path]
+        spec = g.attrs["spec"]
+        return TableSpec(spec["n_images"], spec["shard_size"], tuple(spec["map_shape"]),
+                         {k: tuple(v) for k, v in spec["raw_shapes"].items()},
+                         tuple(spec["stderr_methods"])), g
+
+    def _marker(self, dataset: str, model: str, shard: int) -> Path:
+        return self.root / "shards" / dataset / model / f"shard-{shard:05d}.json"
+
+    def shard_status(self, dataset: str, model: str) -> dict[int, bool]:
+        spec, _ = self.table(dataset, model)
+        return {k: self._marker(dataset, model, k).is_file() for k in range(spec.n_shards)}
+
+    def completed(self, dataset: str, model: str, shard: int) -> bool:
+        return self._marker(dataset, model, shard).is_file()
+
+    def read_shard(self, dataset: str, model: str, method: str, shard: int,
+                   name: str = "maps") -> np.ndarray:
+        """The ``name`` array of a completed shard; an incomplete shard is an error."""
+        spec, g = self.table(dataset, model)
+        sl = spec.shard_slice(shard)
+        if not self.completed(dataset, model, shard):
+            raise IncompleteShardError(
+                f"shard {shard} of {dataset}/{model} (images {sl.start}..{sl.stop - 1}) was "
+                "never completed: its writer stopped before the end. Re-run the same run id to "
+                "resume it")
+        if method not in g:
+            raise StorageError(f"no method {method!r} in {dataset}/{model}")
+        return g[method][name][sl]
+
+
+def _spec_json(spec: TableSpec) -> dict[str, Any]:
+    return {"n_images": spec.n_images, "shard_size": spec.shard_size,
+            "map_shape": list(spec.map_shape),
+            "raw_shapes": {k: list(v) for k, v in spec.raw_shapes.items()},
+            "stderr_methods": list(spec.stderr_methods)}
+
+
+def _check(value: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.shape != shape:
+        raise StorageError(f"{what} has shape {arr.shape}, the shard needs {shape}")
+    return arr

@@ -1,0 +1,114 @@
+"""Parquet tables of a run: per-image metrics, the run manifest, the run summary.
+
+    <run>/metrics/dataset=<d>/model=<m>/method=<x>/shard-00003.parquet
+    <run>/manifest.parquet
+    <run>/summary.parquet
+
+One explicit pyarrow schema per table (a column written as int by one shard and float by
+another would break readers). Every file is written to a temporary name and renamed, so a
+reader never sees half a file and a killed writer leaves no partial file under its final name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import StorageError, storage_errors
+
+METRICS_SCHEMA = pa.schema([
+    ("run_id", pa.string()),
+    ("shard", pa.int32()),
+    ("image_id", pa.string()),
+    ("target", pa.int32()),
+    ("label", pa.int32()),
+    ("protocol", pa.string()),
+    ("y", pa.float64()),
+    ("o", pa.float64()),
+    ("avg_drop", pa.float64()),
+    ("increase", pa.float64()),
+    ("proportion", pa.float64()),
+    ("deletion", pa.float64()),
+    ("insertion", pa.float64()),
+    ("seconds", pa.float64()),
+    ("evaluations", pa.int64()),
+    ("error", pa.string()),
+])
+PARTITIONS = ("dataset", "model", "method")
+
+MANIFEST_SCHEMA = pa.schema([
+    ("run_id", pa.string()),
+    ("config_hash", pa.string()),
+    ("status", pa.string()),
+    ("dataset", pa.string()),
+    ("model", pa.string()),
+    ("shards_total", pa.int32()),
+    ("shards_done", pa.int32()),
+    ("images", pa.int64()),
+    ("failed_images", pa.int64()),
+    ("started_at", pa.timestamp("s", tz="UTC")),
+    ("finished_at", pa.timestamp("s", tz="UTC")),
+    ("seconds", pa.float64()),
+])
+
+SUMMARY_SCHEMA = pa.schema([
+    ("run_id", pa.string()),
+    ("dataset", pa.string()),
+    ("model", pa.string()),
+    ("method", pa.string()),
+    ("protocol", pa.string()),
+    ("metric", pa.string()),
+    ("value", pa.float64()),
+    ("images", pa.int64()),
+])
+
+
+def _atomic_write(table: pa.Table, path: Path) -> Path:
+    with storage_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        pq.write_table(table, tmp, compression="zstd")
+        tmp.replace(path)
+    return path
+
+
+def _table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema, what: str) -> pa.Table:
+    names = set(schema.names)
+    for row in rows:
+        extra = set(row) - names
+        if extra:
+            raise StorageError(f"{what} row has unknown columns {sorted(extra)}; the schema has "
+                               f"{schema.names}")
+    try:
+        return pa.Table.from_pylist([dict(r) for r in rows], schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise StorageError(f"{what} rows do not fit the schema: {exc}") from exc
+
+
+def metrics_path(root: str | os.PathLike[str], dataset: str, model: str, method: str,
+                 shard: int) -> Path:
+    return (Path(root) / "metrics" / f"dataset={dataset}" / f"model={model}"
+            / f"method={method}" / f"shard-{shard:05d}.parquet")
+
+
+def write_metrics_shard(root: str | os.PathLike[str], dataset: str, model: str, method: str,
+                        shard: int, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Write one shard's rows of one method (replaces a previous file of the same shard)."""
+    rows = [{**r, "shard": shard} for r in rows]
+    return _atomic_write(_table(rows, METRICS_SCHEMA, "metrics"),
+                         metrics_path(root, dataset, model, method, shard))
+
+
+def write_manifest(root: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Replace the run manifest (one row per dataset x model); written by the coordinator."""
+    return _atomic_write(_table(rows, MANIFEST_SCHEMA, "manifest"), Path(root) /
+                         "manifest.parquet")
+
+
+def write_summary(root: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> Path:
+    return _atomic_write(_table(rows, SUMMARY_SCHEMA, "summary"), Path(root) / "summary.parquet")
