@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,6 +31,18 @@ TABLE_ROWS: tuple[tuple[str, str, str], ...] = (
 
 METHOD_TITLES = {"mask": "Mask", "rise": "RISE", "gradcam": "Grad-CAM",
                  "gradcampp": "Grad-CAM++", "scorecam": "Score-CAM", "shapcam": "Shap-CAM"}
+
+
+def image_seed(seed: int, image_id: str) -> int:
+    """The Shap-CAM seed of one image: fixed by the run seed and the image id alone, so a map
+    does not depend on how the dataset was sharded or batched."""
+    return (seed * 1_000_003 + zlib.crc32(image_id.encode())) % 2**31
+
+
+def stored_precision(maps: torch.Tensor) -> torch.Tensor:
+    """Maps as the saliency store keeps them (float16), so metrics computed by the plain loop and
+    by the pipeline from the store are identical."""
+    return maps.half().float()
 
 
 @dataclass
@@ -103,7 +116,8 @@ def _evaluate_batch(cam: CAMMethod, name: str, lm: LoadedModel, ok, x: torch.Ten
                     targets: torch.Tensor | None, labels: torch.Tensor, protocol: str,
                     causal: bool, seed: int) -> list[MetricRow]:
     t0 = time.perf_counter()
-    kwargs = {"seeds": seed} if name == "shapcam" else {}
+    kwargs = {"seeds": [image_seed(seed, r.image_id) for r, _, _ in ok]} if name == "shapcam" \
+        else {}
     try:
         result = cam(x, targets, **kwargs)
     except (ShapCAMError, RuntimeError) as exc:  # e.g. out of memory: record, go on
@@ -113,11 +127,12 @@ def _evaluate_batch(cam: CAMMethod, name: str, lm: LoadedModel, ok, x: torch.Ten
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - t0) / x.shape[0]
     tg = result.targets
-    conf = confidence_metrics(lm.model, x, result.maps, tg, protocol)
+    maps = stored_precision(result.maps)
+    conf = confidence_metrics(lm.model, x, maps, tg, protocol)
     boxes = [b.get(int(t), torch.zeros(0, 4)) for (_, _, b), t in zip(ok, tg.tolist(),
                                                                     strict=True)]
-    energy = energy_pointing_game(result.maps, boxes)
-    di = deletion_insertion(lm.model, x, result.maps, tg) if causal else None
+    energy = energy_pointing_game(maps, boxes)
+    di = deletion_insertion(lm.model, x, maps, tg) if causal else None
     rows = []
     for i, (rec, _, _) in enumerate(ok):
         filtered = localisation_filter(rec, int(tg[i]))

@@ -119,6 +119,11 @@ class CAMMethod(ABC):
         maps = upsample_normalise(raw, tuple(x.shape[-2:]))
         return CAMResult(maps=maps, raw=raw, targets=targets, probabilities=probs, extras=extras)
 
+    def raw_shape(self, feature_hw: tuple[int, int], input_hw: tuple[int, int]
+                  ) -> tuple[int, int]:
+        """Shape of this method's raw map (layer resolution unless the method says otherwise)."""
+        return feature_hw
+
     @abstractmethod
     def raw_maps(self, x: torch.Tensor, targets: torch.Tensor, *, features: torch.Tensor,
                  logits: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, dict[str, Any]]:

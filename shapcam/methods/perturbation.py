@@ -70,6 +70,10 @@ class RISE(CAMMethod):
         self.n_masks, self.grid, self.p_keep = n_masks, grid, p_keep
         self.batch_size, self.seed = batch_size, seed
 
+    def raw_shape(self, feature_hw: tuple[int, int], input_hw: tuple[int, int]
+                  ) -> tuple[int, int]:
+        return input_hw
+
     def _grids(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The seeded ``(N, 1, s, s)`` binary grids and per-mask shifts (small; cached)."""
         if not hasattr(self, "_grid_cache"):
@@ -151,6 +155,10 @@ class MeaningfulPerturbation(CAMMethod):
         self.mask_size, self.lr, self.iterations = mask_size, lr, iterations
         self.l1, self.tv, self.beta = l1, tv, beta
         self.blur_kernel, self.blur_sigma = blur_kernel, blur_sigma
+
+    def raw_shape(self, feature_hw: tuple[int, int], input_hw: tuple[int, int]
+                  ) -> tuple[int, int]:
+        return (self.mask_size, self.mask_size)
 
     def raw_maps(self, x: torch.Tensor, targets: torch.Tensor, *, features: torch.Tensor,
                  logits: torch.Tensor, **_: Any) -> tuple[torch.Tensor, dict[str, Any]]:

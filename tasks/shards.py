@@ -1,0 +1,261 @@
+"""The units of pipeline work, as plain functions (the Prefect tasks in ``tasks.prefect`` wrap
+them): plan a run, explain a shard into the Zarr store, evaluate a shard into Parquet, aggregate.
+
+They pass paths and small JSON-able summaries, never tensors. Each one is idempotent: a shard
+whose maps (metrics) are complete in the run folder is skipped, so re-running a run id resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shapcam.data import ImageRecord, load_example, localisation_filter, open_dataset
+from shapcam.data import sample_records as sample_dataset
+from shapcam.data.records import scale_boxes
+from shapcam.evaluate import MetricRow, image_seed, summary_table
+from shapcam.methods import METHODS, CAMMethod
+from shapcam.metrics import confidence_metrics, deletion_insertion, energy_pointing_game
+from shapcam.models import INPUT_SIZE, LoadedModel, load_model
+from storage import SaliencyStore, TableSpec, open_run, write_metrics_shard, write_summary
+from storage.tables import metrics_path
+
+_MODELS: dict[tuple[str, str, str | None, str], LoadedModel] = {}
+_METHODS: dict[tuple[Any, ...], CAMMethod] = {}
+
+
+def cached_model(name: str, weights: str, layer: str | None, device: str) -> LoadedModel:
+    """Load a model once per worker process and reuse it across tasks."""
+    key = (name, weights, layer, device)
+    if key not in _MODELS:
+        _MODELS[key] = load_model(name, weights, target_layer=layer, device=device)
+    return _MODELS[key]
+
+
+def cached_method(lm: LoadedModel, name: str, options: dict[str, Any]) -> CAMMethod:
+    key = (id(lm), name, json.dumps(options, sort_keys=True))
+    if key not in _METHODS:
+        _METHODS[key] = METHODS[name](lm, **options)
+    return _METHODS[key]
+
+
+def record_to_dict(r: ImageRecord) -> dict[str, Any]:
+    return {"image_id": r.image_id, "path": str(r.path), "label": r.label,
+            "boxes": {str(c): np.asarray(b).tolist() for c, b in r.boxes.items()},
+            "size": list(r.size) if r.size else None, "labels": list(r.labels),
+            "error": r.error}
+
+
+def record_from_dict(d: dict[str, Any]) -> ImageRecord:
+    return ImageRecord(d["image_id"], Path(d["path"]), d["label"],
+                       {int(c): np.asarray(b, dtype=np.float32).reshape(-1, 4)
+                        for c, b in d["boxes"].items()},
+                       tuple(d["size"]) if d["size"] else None, tuple(d["labels"]),
+                       error=d["error"])
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plan_run(run_dir: str, run_id: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Sample the images, create the store and one table per model; return the shard plan.
+
+    ``config``: dataset, root, split, n_images, seed, shard_size, models (list of
+    ``{"name", "weights", "layer"}``), methods, method_options, device.
+    """
+    records = sample_dataset(open_dataset(config["dataset"], config.get("root"),
+                                          config.get("split", "test")),
+                             config.get("n_images"), config.get("seed", 0))
+    if not records:
+        raise ValueError(f"dataset {config['dataset']} has no images")
+    store = SaliencyStore.create(run_dir, run_id, {
+        "config": config, "config_hash": config_hash(config),
+        "versions": {"torch": torch.__version__, "numpy": np.__version__}})
+    S = int(config["shard_size"])
+    shards = [[record_to_dict(r) for r in records[k:k + S]] for k in range(0, len(records), S)]
+    for spec in config["models"]:
+        lm = cached_model(spec["name"], spec["weights"], spec.get("layer"), "cpu")
+        with torch.no_grad():
+            from shapcam.split import split_model
+
+            trunk, _ = split_model(lm.model, lm.target_layer)
+            hw = tuple(trunk(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE)).shape[-2:])
+        raw_shapes = {}
+        for m in config["methods"]:
+            cam = cached_method(lm, m, config.get("method_options", {}).get(m, {}))
+            raw_shapes[m] = tuple(cam.raw_shape(hw, (INPUT_SIZE, INPUT_SIZE)))
+        store.init_table(config["dataset"], spec["name"], [r.image_id for r in records],
+                         [r.label for r in records],
+                         TableSpec(len(records), S, (INPUT_SIZE, INPUT_SIZE), raw_shapes),
+                         {"weights": lm.weights, "target_layer": lm.target_layer,
+                          "method_options": config.get("method_options", {})})
+    return {"run_dir": run_dir, "shards": shards, "n_images": len(records)}
+
+
+def _load(records: Sequence[dict[str, Any]]):
+    good, xs, failures = [], [], {}
+    for i, d in enumerate(records):
+        rec = record_from_dict(d)
+        try:
+            x, _, size = load_example(rec)
+            good.append((i, rec, size))
+            xs.append(x)
+        except Exception as exc:  # noqa: BLE001 - any unreadable image is a per-image failure
+            failures[rec.image_id] = str(exc)
+    return good, xs, failures
+
+
+def explain_shard(run_dir: str, config: dict[str, Any], model: dict[str, Any], shard: int,
+                  records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Compute every method's maps for one shard and write them; skip a completed shard."""
+    dataset, name = config["dataset"], model["name"]
+    store = SaliencyStore(run_dir)
+    if store.completed(dataset, name, shard):
+        return {"shard": shard, "model": name, "skipped": True}
+    t0 = time.perf_counter()
+    device = config.get("device", "cpu")
+    lm = cached_model(name, model["weights"], model.get("layer"), device)
+    spec, _ = store.table(dataset, name)
+    n = len(records)
+    good, xs, failures = _load(records)
+    idx = [i for i, _, _ in good]
+    images: dict[str, np.ndarray] = {
+        "target": np.full(n, -1), "probability": np.full(n, np.nan), "width": np.full(n, -1),
+        "height": np.full(n, -1), "boxes": np.full((n, 16, 4), np.nan)}
+    for i, rec, (w, h) in good:
+        images["width"][i], images["height"][i] = w, h
+        b = rec.boxes_of(rec.label)[:16]
+        images["boxes"][i, : len(b)] = b
+    out: dict[str, dict[str, np.ndarray]] = {}
+    seconds: dict[str, float] = {}
+    evaluations = 0
+    for m in config["methods"]:
+        h, w = spec.raw_shapes[m]
+        arrays = {"maps": np.full((n, INPUT_SIZE, INPUT_SIZE), np.nan, dtype=np.float16),
+                  "raw": np.full((n, h, w), np.nan, dtype=np.float32)}
+        if m in spec.stderr_methods:
+            arrays["stderr"] = np.full((n, h, w), np.nan, dtype=np.float32)
+        if good:
+            cam = cached_method(lm, m, config.get("method_options", {}).get(m, {}))
+            x = torch.stack(xs).to(lm.device)
+            kwargs = {"seeds": [image_seed(config.get("seed", 0), r.image_id)
+                                for _, r, _ in good]} if m == "shapcam" else {}
+            t = time.perf_counter()
+            result = cam(x, None, **kwargs)
+            seconds[m] = (time.perf_counter() - t) / len(good)
+            arrays["maps"][idx] = result.maps.half().cpu().numpy()
+            arrays["raw"][idx] = result.raw.float().cpu().numpy()
+            if "stderr" in arrays:
+                arrays["stderr"][idx] = result.extras["stderr"].float().cpu().numpy()
+                evaluations = int(result.extras["evaluations"].sum())
+            images["target"][idx] = result.targets.cpu().numpy()
+            images["probability"][idx] = result.probabilities.float().cpu().numpy()
+        out[m] = arrays
+    store.write_shard(dataset, name, shard, images, out,
+                      record={"failures": failures, "seconds": seconds,
+                              "shapcam_evaluations": evaluations,
+                              "wall_seconds": time.perf_counter() - t0})
+    return {"shard": shard, "model": name, "skipped": False, "images": n,
+            "failed": len(failures), "seconds": time.perf_counter() - t0}
+
+
+def metrics_complete(run_dir: str, config: dict[str, Any], model: str, shard: int) -> bool:
+    return all(metrics_path(run_dir, config["dataset"], model, m, shard).is_file()
+               for m in config["methods"])
+
+
+def evaluate_shard(run_dir: str, config: dict[str, Any], model: dict[str, Any], shard: int,
+                   records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Metrics of one shard from its stored maps into one Parquet file per method."""
+    dataset, name = config["dataset"], model["name"]
+    if metrics_complete(run_dir, config, name, shard):
+        return {"shard": shard, "model": name, "skipped": True}
+    t0 = time.perf_counter()
+    store = SaliencyStore(run_dir)
+    spec, g = store.table(dataset, name)
+    sl = spec.shard_slice(shard)
+    shard_record = json.loads((Path(run_dir) / "shards" / dataset / name /
+                               f"shard-{shard:05d}.json").read_text())
+    failures: dict[str, str] = shard_record.get("failures", {})
+    targets = g["images"]["target"][sl]
+    good, xs, load_failures = _load(records)
+    failures = {**load_failures, **failures}
+    protocol = config.get("protocol", "scorecam")
+    lm = cached_model(name, model["weights"], model.get("layer"), config.get("device", "cpu"))
+    run_id = store.attrs["run_id"]
+    for m in config["methods"]:
+        rows: list[dict[str, Any]] = []
+        for d in records:
+            if d["image_id"] in failures:
+                rows.append({"run_id": run_id, "image_id": d["image_id"], "label": d["label"],
+                             "protocol": protocol, "error": failures[d["image_id"]]})
+        if good:
+            idx = [i for i, _, _ in good]
+            x = torch.stack(xs).to(lm.device)
+            maps = torch.from_numpy(store.read_shard(dataset, name, m, shard)[idx]
+                                    .astype(np.float32)).to(lm.device)
+            tg = torch.from_numpy(targets[idx].astype(np.int64)).to(lm.device)
+            conf = confidence_metrics(lm.model, x, maps, tg, protocol)
+            boxes = [torch.from_numpy(rec.boxes_of(int(t)).copy()) for (_, rec, _), t in
+                     zip(good, tg.tolist(), strict=True)]
+            boxes = [torch.from_numpy(scale_boxes(b.numpy(), size)) for b, (_, _, size) in
+                     zip(boxes, good, strict=True)]
+            energy = energy_pointing_game(maps, boxes)
+            di = (deletion_insertion(lm.model, x, maps, tg) if config.get("causal", True)
+                  else None)
+            secs = shard_record.get("seconds", {}).get(m, math.nan)
+            for j, (_, rec, _) in enumerate(good):
+                t = int(tg[j])
+                rows.append({
+                    "run_id": run_id, "image_id": rec.image_id, "target": t,
+                    "label": rec.label, "protocol": protocol, "y": float(conf["y"][j]),
+                    "o": float(conf["o"][j]), "avg_drop": float(conf["avg_drop"][j]),
+                    "increase": float(conf["increase"][j]),
+                    "proportion": float(energy[j]) if localisation_filter(rec, t) else None,
+                    "deletion": float(di["deletion"][j]) if di else None,
+                    "insertion": float(di["insertion"][j]) if di else None,
+                    "seconds": secs,
+                    "evaluations": None,
+                })
+        write_metrics_shard(run_dir, dataset, name, m, shard, rows)
+    return {"shard": shard, "model": name, "skipped": False,
+            "seconds": time.perf_counter() - t0}
+
+
+def aggregate(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The run summary (paper's table per model) into summary.parquet; returns the tables."""
+    run = open_run(run_dir)
+    df = run.metrics()
+    run_id = SaliencyStore(run_dir).attrs["run_id"]
+    tables, summary_rows = {}, []
+    fields = set(MetricRow.__dataclass_fields__)
+    for spec in config["models"]:
+        name = spec["name"]
+        part = df[df["model"] == name]
+        rows = []
+        for r in part.to_dict("records"):
+            clean = {k: (math.nan if v is None or (isinstance(v, float) and math.isnan(v))
+                         else v) for k, v in r.items() if k in fields}
+            clean["error"] = r["error"] if isinstance(r.get("error"), str) else None
+            rows.append(MetricRow(**{k: clean.get(k, MetricRow.__dataclass_fields__[k].default)
+                                     for k in fields}))
+        table = summary_table(rows, config["methods"])
+        tables[name] = table
+        for row in table["rows"]:
+            for m, value in zip(config["methods"], row["values"], strict=True):
+                summary_rows.append({"run_id": run_id, "dataset": config["dataset"],
+                                     "model": name, "method": m,
+                                     "protocol": config.get("protocol", "scorecam"),
+                                     "metric": row["metric"], "value": value,
+                                     "images": table["images"][m]})
+    write_summary(run_dir, summary_rows)
+    return tables
