@@ -52,7 +52,8 @@ def keep_top_fraction(maps: torch.Tensor, fraction: float = 0.5) -> torch.Tensor
     flat = maps.reshape(B, -1)
     k = math.ceil(fraction * flat.shape[1])
     keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep.scatter_(1, flat.topk(k, dim=1).indices, True)
+    # A stable sort breaks ties by position whatever the thread count (topk does not).
+    keep.scatter_(1, flat.argsort(dim=1, descending=True, stable=True)[:, :k], True)
     return (flat * keep).view_as(maps)
 
 

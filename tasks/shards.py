@@ -47,6 +47,11 @@ def cached_method(lm: LoadedModel, name: str, options: dict[str, Any]) -> CAMMet
     return _METHODS[key]
 
 
+def _threads(config: dict[str, Any]) -> None:
+    if config.get("torch_threads"):
+        torch.set_num_threads(int(config["torch_threads"]))
+
+
 def record_to_dict(r: ImageRecord) -> dict[str, Any]:
     return {"image_id": r.image_id, "path": str(r.path), "label": r.label,
             "boxes": {str(c): np.asarray(b).tolist() for c, b in r.boxes.items()},
@@ -122,6 +127,7 @@ def explain_shard(run_dir: str, config: dict[str, Any], model: dict[str, Any], s
     if store.completed(dataset, name, shard):
         return {"shard": shard, "model": name, "skipped": True}
     t0 = time.perf_counter()
+    _threads(config)
     device = config.get("device", "cpu")
     lm = cached_model(name, model["weights"], model.get("layer"), device)
     spec, _ = store.table(dataset, name)
@@ -180,6 +186,7 @@ def evaluate_shard(run_dir: str, config: dict[str, Any], model: dict[str, Any], 
     if metrics_complete(run_dir, config, name, shard):
         return {"shard": shard, "model": name, "skipped": True}
     t0 = time.perf_counter()
+    _threads(config)
     store = SaliencyStore(run_dir)
     spec, g = store.table(dataset, name)
     sl = spec.shard_slice(shard)

@@ -1,0 +1,116 @@
+"""The explain-dataset flow end to end: Prefect (a real local server) + a local Dask cluster of
+2 worker processes, the Zarr store and Parquet tables, resume after the whole run is killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from storage import SaliencyStore, open_run
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.real_weights
+
+
+def shapcam_run(tmp_path: Path, run_id: str, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-c", "from flows.cli import app; app()", "run",
+           "--root", str(tmp_path / "data"), "--store", str(tmp_path / "runs"),
+           "--run-id", run_id, "--workers", "2", "--no-causal", *extra]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO)}
+    env.pop("PREFECT_API_URL", None)
+    return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+FAST = ("--methods", "gradcam,shapcam", "--set", "shapcam.permutations=16", "--shard-size",
+        "3")
+
+
+def test_flow_on_local_server_and_dask_workers(mobilenet, tmp_path):
+    proc = shapcam_run(tmp_path, "r1", *FAST)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "Prefect UI: http://127.0.0.1:" in out and "| metric | Grad-CAM | Shap-CAM |" in out
+    run_dir = tmp_path / "runs" / "r1"
+    st = SaliencyStore(run_dir)
+    assert st.shard_status("sample", "mobilenet_v2") == {0: True, 1: True}
+    run = open_run(run_dir)
+    assert len(run.metrics()) == 12
+    manifest = run.sql("select status, shards_done, images from manifest")
+    assert manifest.to_dict("records") == [{"status": "completed", "shards_done": 2,
+                                            "images": 6}]
+    assert (run_dir / "report.html").stat().st_size > 10_000
+    # The same metrics as the plain loop on the same images and settings.
+    import torch
+
+    from shapcam.data import open_dataset
+    from shapcam.evaluate import evaluate_records
+
+    records = open_dataset("sample", tmp_path / "data")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers (--threads 1): the same float arithmetic
+    try:
+        plain = evaluate_records(mobilenet, records, ["gradcam", "shapcam"], batch_images=3,
+                                 method_options={"shapcam": {"permutations": 16}},
+                                 causal=False)
+    finally:
+        torch.set_num_threads(threads)
+    df = run.metrics()
+    for row in plain:
+        got = df[(df["method"] == row.method) & (df["image_id"] == row.image_id)].iloc[0]
+        assert got["avg_drop"] == pytest.approx(row.avg_drop, rel=1e-5, abs=1e-6)
+    # Re-running the same run id recomputes nothing.
+    records_before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "shards").rglob("*.json")}
+    proc = shapcam_run(tmp_path, "r1", *FAST)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    after = {p.name: p.stat().st_mtime_ns for p in (run_dir / "shards").rglob("*.json")}
+    assert after == records_before
+
+
+SLOW = ("--methods", "gradcam,rise", "--set", "rise.n_masks=150", "--shard-size", "1")
+
+
+def _metrics(run_dir: Path):
+    df = open_run(run_dir).metrics(columns=["method", "image_id", "avg_drop", "target"])
+    return df.sort_values(["method", "image_id"]).reset_index(drop=True)
+
+
+def test_killed_run_resumes_to_the_same_results(mobilenet, tmp_path):
+    proc = shapcam_run(tmp_path, "killed", *SLOW)
+    shards = tmp_path / "runs" / "killed" / "shards" / "sample" / "mobilenet_v2"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        done = list(shards.glob("*.json")) if shards.is_dir() else []
+        if 1 <= len(done) < 6:
+            break
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI, the Prefect server and the Dask workers
+    proc.wait(timeout=30)
+    completed = {p.name: p.stat().st_mtime_ns for p in shards.glob("*.json")}
+    assert 1 <= len(completed) < 6
+    status = SaliencyStore(tmp_path / "runs" / "killed").shard_status("sample", "mobilenet_v2")
+    assert not all(status.values())
+    proc = shapcam_run(tmp_path, "killed", *SLOW)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    for name, mtime in completed.items():  # completed shards were not recomputed
+        assert (shards / name).stat().st_mtime_ns == mtime
+    proc = shapcam_run(tmp_path, "fresh", *SLOW)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    a, b = _metrics(tmp_path / "runs" / "killed"), _metrics(tmp_path / "runs" / "fresh")
+    assert a["image_id"].tolist() == b["image_id"].tolist()
+    assert a["target"].tolist() == b["target"].tolist()
+    assert a["avg_drop"].tolist() == pytest.approx(b["avg_drop"].tolist(), rel=1e-5, abs=1e-6)
+    manifest = json.loads(open_run(tmp_path / "runs" / "killed").sql(
+        "select status from manifest").to_json(orient="records"))
+    assert manifest == [{"status": "completed"}]
