@@ -15,11 +15,11 @@ import time
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from shapcam.cli import _fail, _parse_settings, app
+from shapcam.cli import _fail, app, method_settings
 from shapcam.models import ShapCAMError
 from storage.cli import query
 
@@ -125,12 +125,7 @@ def run(
     """Run the explain-dataset flow (Prefect + Dask): maps to Zarr, metrics to Parquet, report."""
     try:
         names = [m.strip() for m in methods.split(",") if m.strip()]
-        per_method: dict[str, dict[str, Any]] = {}
-        for key, value in _parse_settings(settings or []).items():
-            method, sep, option = key.partition(".")
-            if not sep or method not in names:
-                raise ShapCAMError(f"--set {key}: use METHOD.KEY=VALUE with METHOD in {names}")
-            per_method.setdefault(method, {})[option] = value
+        per_method = method_settings(settings or [], names)
         model_specs = []
         for item in models.split(","):
             name, _, weights = item.strip().partition(":")

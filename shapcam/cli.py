@@ -126,6 +126,18 @@ def _parse_settings(items: list[str]) -> dict[str, Any]:
     return options
 
 
+def method_settings(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """``["rise.n_masks=2000"]`` -> ``{"rise": {"n_masks": 2000}}`` for the chosen methods."""
+    per_method: dict[str, dict[str, Any]] = {}
+    for key, value in _parse_settings(items).items():
+        method, sep, option = key.partition(".")
+        if not sep or method not in methods:
+            raise ShapCAMError(f"--set {key}: use METHOD.KEY=VALUE with METHOD one of "
+                               f"{', '.join(methods)}")
+        per_method.setdefault(method, {})[option] = value
+    return per_method
+
+
 def _fail(exc: Exception) -> None:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -215,13 +227,7 @@ def evaluate(
         if protocol not in VARIANTS:
             raise ShapCAMError(f"unknown protocol {protocol!r}; use one of {', '.join(VARIANTS)}")
         names = [m.strip() for m in methods.split(",") if m.strip()]
-        per_method: dict[str, dict[str, Any]] = {}
-        for key, value in _parse_settings(settings or []).items():
-            method, sep, option = key.partition(".")
-            if not sep or method not in names:
-                raise ShapCAMError(f"--set {key}: use METHOD.KEY=VALUE with METHOD one of "
-                                   f"{', '.join(names)}")
-            per_method.setdefault(method, {})[option] = value
+        per_method = method_settings(settings or [], names)
         if dataset == "sample":
             from .weights import install_offline_weights
 
