@@ -15,7 +15,7 @@ import time
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -36,6 +36,10 @@ def prefect_environment(home: Path) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+
+
+# Before anything imports prefect: its settings are read at import time.
+prefect_environment(Path(".prefect").resolve())
 
 
 def _free_port() -> int:
@@ -139,25 +143,16 @@ def run(
               "models": model_specs, "methods": names, "method_options": per_method,
               "protocol": protocol, "causal": causal, "device": device,
               "torch_threads": threads}
-    prefect_environment(Path(".prefect").resolve())
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     if dataset == "sample":
         from shapcam.weights import install_offline_weights
 
         install_offline_weights()
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     from .explain_dataset import explain_dataset
 
-    flow = explain_dataset.with_options(task_runner=task_runner(dask_address, workers, threads))
-    server = (contextlib.nullcontext(os.environ["PREFECT_API_URL"])
-              if os.environ.get("PREFECT_API_URL") else local_prefect_server())
+    typer.echo(f"run {run_id}, store {run_dir}")
     try:
-        with server as url:
-            typer.echo(f"Prefect UI: {url.removesuffix('/api')}  (run {run_id}, store "
-                       f"{run_dir})")
-            with temporary_settings({PREFECT_API_URL: f"{url.removesuffix('/api')}/api"}):
-                result = flow(run_dir=run_dir, run_id=run_id, config=config)
+        result = _run_flow(explain_dataset, task_runner(dask_address, workers, threads),
+                           run_dir=run_dir, run_id=run_id, config=config)
     except ShapCAMError as exc:
         _fail(exc)
     from shapcam.evaluate import format_table
@@ -167,6 +162,72 @@ def run(
                                               f"protocol `{protocol}`"))
     typer.echo(f"\nreport: {result['report']}\nquery:  shapcam query {run_dir} "
                "\"select method, avg(avg_drop) from metrics group by method\"")
+
+
+def _run_flow(flow, runner, **params: Any) -> dict[str, Any]:
+    """Run a flow against PREFECT_API_URL, or a local server started for the occasion."""
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = (contextlib.nullcontext(os.environ["PREFECT_API_URL"])
+              if os.environ.get("PREFECT_API_URL") else local_prefect_server())
+    with server as url:
+        base = url.removesuffix("/api")
+        typer.echo(f"Prefect UI: {base}")
+        with temporary_settings({PREFECT_API_URL: f"{base}/api"}):
+            return flow.with_options(task_runner=runner)(**params)
+
+
+@app.command("evaluate-store")
+def evaluate_store_command(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder written by `shapcam run`.")],
+    protocol: Annotated[str, typer.Option(help="scorecam or gradcampp.")] = "gradcampp",
+    causal: Annotated[bool, typer.Option(help="Deletion/insertion AUC too.")] = True,
+    workers: Annotated[int, typer.Option()] = max(1, min(4, os.cpu_count() or 1)),
+    dask_address: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Recompute a run's metrics with another protocol variant, reusing its stored maps."""
+    from shapcam.metrics import VARIANTS
+    from storage import SaliencyStore, StorageError
+
+    from .explain_dataset import evaluate_store
+
+    try:
+        if protocol not in VARIANTS:
+            raise ShapCAMError(f"unknown protocol {protocol!r}; use one of {', '.join(VARIANTS)}")
+        run_id = SaliencyStore(run_dir).attrs["run_id"]
+    except (ShapCAMError, StorageError) as exc:
+        _fail(exc)
+    result = _run_flow(evaluate_store, task_runner(dask_address, workers, 1),
+                       run_dir=str(run_dir.resolve()), run_id=run_id, protocol=protocol,
+                       causal=causal)
+    from shapcam.evaluate import format_table
+
+    for model, table in result["tables"].items():
+        typer.echo("\n" + format_table(table, f"{run_id} / {model}, protocol `{protocol}`"))
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder written by `shapcam run`.")],
+    protocol: Annotated[str, typer.Option(help="Which metrics variant to tabulate.")
+                        ] = "scorecam",
+) -> None:
+    """(Re)write a run's report.html from its store and tables; print its tables."""
+    from shapcam.evaluate import format_table
+    from storage import SaliencyStore, StorageError
+    from tasks.report import write_report
+    from tasks.shards import aggregate
+
+    try:
+        config = {**SaliencyStore(run_dir).attrs["config"], "protocol": protocol}
+        tables = aggregate(str(run_dir), config)
+        path = write_report(str(run_dir), config, tables)
+    except StorageError as exc:
+        _fail(exc)
+    for model, table in tables.items():
+        typer.echo("\n" + format_table(table, f"{model}, protocol `{protocol}`"))
+    typer.echo(f"\nreport: {path}")
 
 
 __all__ = ["app"]

@@ -134,3 +134,34 @@ def _key(text: str) -> str:
 
 def default_run_dir(store: str, run_id: str) -> str:
     return str(Path(store) / run_id)
+
+
+@flow(name="evaluate-store", flow_run_name="evaluate {run_id} ({protocol})")
+def evaluate_store(run_dir: str, run_id: str, protocol: str = "scorecam",
+                   causal: bool = True) -> dict[str, Any]:
+    """(Re)compute the metrics of an existing store with ``protocol`` without recomputing maps.
+
+    Metrics files carry their protocol, so a second variant never overwrites the first; shards
+    already evaluated with this protocol are skipped.
+    """
+    store = SaliencyStore(run_dir)
+    config = {**store.attrs["config"], "protocol": protocol, "causal": causal}
+    plan = plan_run(run_dir, run_id, config)  # idempotent: same sample, same tables
+    futures = []
+    with _gpu_annotation(config.get("device", "cpu")):
+        for model in config["models"]:
+            for k, records in enumerate(plan["shards"]):
+                if not store.completed(config["dataset"], model["name"], k):
+                    raise ValueError(f"shard {k} of {model['name']} has no maps yet: finish the "
+                                     f"run with `shapcam run --run-id {run_id}` first")
+                futures.append(evaluate_task.with_options(
+                    task_run_name=f"evaluate {model['name']} shard {k + 1}/"
+                                  f"{len(plan['shards'])} ({protocol})").submit(
+                    run_dir, config, model, k, records))
+    for fut in as_completed(futures):
+        fut.result()
+    tables = aggregate(run_dir, config)
+    create_markdown_artifact(key=f"report-{_key(run_id)}-{_key(protocol)}",
+                             markdown=_table_markdown(tables, config),
+                             description=f"metrics with protocol {protocol}")
+    return {"run_dir": run_dir, "tables": tables, "images": plan["n_images"]}

@@ -123,10 +123,12 @@ class Run:
                 glob = str(self.root / "metrics" / "**" / "*.parquet")
                 con.execute(f"create view metrics as select * from read_parquet('{glob}', "
                             "hive_partitioning=true, union_by_name=true)")
-            for name in ("manifest", "summary"):
-                path = self.root / f"{name}.parquet"
-                if path.is_file():
-                    con.execute(f"create view {name} as select * from read_parquet('{path}')")
+            if (self.root / "manifest.parquet").is_file():
+                con.execute("create view manifest as select * from read_parquet("
+                            f"'{self.root / 'manifest.parquet'}')")
+            if list(self.root.glob("summary-*.parquet")):
+                con.execute("create view summary as select * from read_parquet("
+                            f"'{self.root / 'summary-*.parquet'}')")
             return con.execute(query).df()
         except duckdb.Error as exc:
             raise StorageError(f"query failed on {self.root}: {exc}") from exc

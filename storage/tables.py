@@ -1,8 +1,8 @@
 """Parquet tables of a run: per-image metrics, the run manifest, the run summary.
 
-    <run>/metrics/dataset=<d>/model=<m>/method=<x>/shard-00003.parquet
+    <run>/metrics/dataset=<d>/model=<m>/method=<x>/shard-00003-<protocol>.parquet
     <run>/manifest.parquet
-    <run>/summary.parquet
+    <run>/summary-<protocol>.parquet
 
 One explicit pyarrow schema per table (a column written as int by one shard and float by
 another would break readers). Every file is written to a temporary name and renamed, so a
@@ -91,17 +91,19 @@ def _table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema, what: str) -> p
 
 
 def metrics_path(root: str | os.PathLike[str], dataset: str, model: str, method: str,
-                 shard: int) -> Path:
+                 shard: int, protocol: str = "scorecam") -> Path:
+    """One file per shard, method and protocol variant (variants never overwrite each other)."""
     return (Path(root) / "metrics" / f"dataset={dataset}" / f"model={model}"
-            / f"method={method}" / f"shard-{shard:05d}.parquet")
+            / f"method={method}" / f"shard-{shard:05d}-{protocol}.parquet")
 
 
 def write_metrics_shard(root: str | os.PathLike[str], dataset: str, model: str, method: str,
-                        shard: int, rows: Sequence[Mapping[str, Any]]) -> Path:
-    """Write one shard's rows of one method (replaces a previous file of the same shard)."""
-    rows = [{**r, "shard": shard} for r in rows]
+                        shard: int, rows: Sequence[Mapping[str, Any]],
+                        protocol: str = "scorecam") -> Path:
+    """Write one shard's rows of one method and protocol (replaces that same file)."""
+    rows = [{**r, "shard": shard, "protocol": protocol} for r in rows]
     return _atomic_write(_table(rows, METRICS_SCHEMA, "metrics"),
-                         metrics_path(root, dataset, model, method, shard))
+                         metrics_path(root, dataset, model, method, shard, protocol))
 
 
 def write_manifest(root: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> Path:
@@ -110,5 +112,8 @@ def write_manifest(root: str | os.PathLike[str], rows: Sequence[Mapping[str, Any
                          "manifest.parquet")
 
 
-def write_summary(root: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> Path:
-    return _atomic_write(_table(rows, SUMMARY_SCHEMA, "summary"), Path(root) / "summary.parquet")
+def write_summary(root: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]],
+                  protocol: str = "scorecam") -> Path:
+    """The run's aggregate for one protocol variant: ``summary-<protocol>.parquet``."""
+    return _atomic_write(_table(rows, SUMMARY_SCHEMA, "summary"),
+                         Path(root) / f"summary-{protocol}.parquet")

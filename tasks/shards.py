@@ -175,7 +175,8 @@ def explain_shard(run_dir: str, config: dict[str, Any], model: dict[str, Any], s
 
 
 def metrics_complete(run_dir: str, config: dict[str, Any], model: str, shard: int) -> bool:
-    return all(metrics_path(run_dir, config["dataset"], model, m, shard).is_file()
+    protocol = config.get("protocol", "scorecam")
+    return all(metrics_path(run_dir, config["dataset"], model, m, shard, protocol).is_file()
                for m in config["methods"])
 
 
@@ -233,15 +234,15 @@ def evaluate_shard(run_dir: str, config: dict[str, Any], model: dict[str, Any], 
                     "seconds": secs,
                     "evaluations": None,
                 })
-        write_metrics_shard(run_dir, dataset, name, m, shard, rows)
+        write_metrics_shard(run_dir, dataset, name, m, shard, rows, protocol)
     return {"shard": shard, "model": name, "skipped": False,
             "seconds": time.perf_counter() - t0}
 
 
 def aggregate(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
-    """The run summary (paper's table per model) into summary.parquet; returns the tables."""
+    """The run summary (paper's table per model) into ``summary-<protocol>.parquet``."""
     run = open_run(run_dir)
-    df = run.metrics()
+    df = run.metrics(filters=[("protocol", "=", config.get("protocol", "scorecam"))])
     run_id = SaliencyStore(run_dir).attrs["run_id"]
     tables, summary_rows = {}, []
     fields = set(MetricRow.__dataclass_fields__)
@@ -264,5 +265,5 @@ def aggregate(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
                                      "protocol": config.get("protocol", "scorecam"),
                                      "metric": row["metric"], "value": value,
                                      "images": table["images"][m]})
-    write_summary(run_dir, summary_rows)
+    write_summary(run_dir, summary_rows, config.get("protocol", "scorecam"))
     return tables

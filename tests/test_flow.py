@@ -73,6 +73,30 @@ def test_flow_on_local_server_and_dask_workers(mobilenet, tmp_path):
     assert proc.returncode == 0, out
     after = {p.name: p.stat().st_mtime_ns for p in (run_dir / "shards").rglob("*.json")}
     assert after == records_before
+    # Another protocol variant from the stored maps, next to the first one.
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO)}
+    env.pop("PREFECT_API_URL", None)
+    out = subprocess.run([sys.executable, "-c", "from flows.cli import app; app()",
+                          "evaluate-store", str(run_dir), "--protocol", "gradcampp",
+                          "--no-causal", "--workers", "2"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "protocol `gradcampp`" in out.stdout
+    counts = run.sql("select protocol, count(*) as n from metrics group by protocol "
+                     "order by protocol")
+    assert counts.to_dict("records") == [{"protocol": "gradcampp", "n": 12},
+                                         {"protocol": "scorecam", "n": 12}]
+    assert sorted(p.name for p in run_dir.glob("summary-*.parquet")) == [
+        "summary-gradcampp.parquet", "summary-scorecam.parquet"]
+    # The report command rewrites report.html from the store alone.
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    (run_dir / "report.html").unlink()
+    res = CliRunner().invoke(app, ["report", str(run_dir), "--protocol", "gradcampp"])
+    assert res.exit_code == 0, res.output
+    assert (run_dir / "report.html").stat().st_size > 10_000
 
 
 SLOW = ("--methods", "gradcam,rise", "--set", "rise.n_masks=150", "--shard-size", "1")

@@ -259,7 +259,8 @@ def test_metrics_tables_partitioned_atomic_and_queryable(tmp_path):
     make_store(tmp_path)
     write_tables(tmp_path)
     files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.parquet"))
-    assert "metrics/dataset=sample/model=mobilenet_v2/method=shapcam/shard-00002.parquet" in files
+    assert ("metrics/dataset=sample/model=mobilenet_v2/method=shapcam/shard-00002-scorecam"
+            ".parquet") in files
     assert not list(tmp_path.rglob("*.tmp*"))
     run = open_run(tmp_path)
     df = run.metrics(filters=[("method", "=", "gradcam"), ("avg_drop", ">", 50)])
