@@ -116,7 +116,8 @@ def run(
     causal: Annotated[bool, typer.Option(help="Deletion/insertion AUC too.")] = True,
     settings: Annotated[list[str] | None, typer.Option(
         "--set", help="METHOD.KEY=VALUE, repeatable.")] = None,
-    store: Annotated[Path, typer.Option(help="Folder holding the runs.")] = Path("runs"),
+    store: Annotated[str, typer.Option(
+        help="Folder or fsspec URL (s3://bucket/runs) holding the runs.")] = "runs",
     run_id: Annotated[str | None, typer.Option(
         help="Run id; re-running with the same id resumes (default: a timestamp).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
@@ -137,7 +138,8 @@ def run(
     except ShapCAMError as exc:
         _fail(exc)
     run_id = run_id or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    run_dir = str((store / run_id).resolve())
+    run_dir = (f"{store.rstrip('/')}/{run_id}" if "://" in store
+               else str((Path(store) / run_id).resolve()))
     config = {"dataset": dataset, "root": str(root) if root else None, "split": split,
               "n_images": n_images, "seed": seed, "shard_size": shard_size,
               "models": model_specs, "methods": names, "method_options": per_method,
@@ -180,7 +182,7 @@ def _run_flow(flow, runner, **params: Any) -> dict[str, Any]:
 
 @app.command("evaluate-store")
 def evaluate_store_command(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder written by `shapcam run`.")],
+    run_dir: Annotated[str, typer.Argument(help="Run folder (or URL) written by `shapcam run`.")],
     protocol: Annotated[str, typer.Option(help="scorecam or gradcampp.")] = "gradcampp",
     causal: Annotated[bool, typer.Option(help="Deletion/insertion AUC too.")] = True,
     workers: Annotated[int, typer.Option()] = max(1, min(4, os.cpu_count() or 1)),
@@ -199,7 +201,8 @@ def evaluate_store_command(
     except (ShapCAMError, StorageError) as exc:
         _fail(exc)
     result = _run_flow(evaluate_store, task_runner(dask_address, workers, 1),
-                       run_dir=str(run_dir.resolve()), run_id=run_id, protocol=protocol,
+                       run_dir=run_dir if "://" in run_dir else str(Path(run_dir).resolve()),
+                       run_id=run_id, protocol=protocol,
                        causal=causal)
     from shapcam.evaluate import format_table
 
@@ -209,7 +212,7 @@ def evaluate_store_command(
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder written by `shapcam run`.")],
+    run_dir: Annotated[str, typer.Argument(help="Run folder (or URL) written by `shapcam run`.")],
     protocol: Annotated[str, typer.Option(help="Which metrics variant to tabulate.")
                         ] = "scorecam",
 ) -> None:

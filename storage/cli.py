@@ -12,7 +12,8 @@ from .query import open_run
 
 
 def query(
-    run: Annotated[Path, typer.Argument(help="Run folder (holds maps.zarr, metrics/).")],
+    run: Annotated[str, typer.Argument(
+        help="Run folder or fsspec URL (holds maps.zarr, metrics/).")],
     sql: Annotated[str, typer.Argument(
         help="SQL over the views metrics, manifest and summary (DuckDB dialect).")],
     csv: Annotated[Path | None, typer.Option(help="Also write the result as CSV.")] = None,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ import pandas as pd
 import pyarrow.dataset as pads
 
 from .errors import IncompleteShardError, StorageError
+from .location import Location
 from .saliency import SaliencyStore
 from .tables import METRICS_SCHEMA, PARTITIONS
 
@@ -29,11 +29,12 @@ from .tables import METRICS_SCHEMA, PARTITIONS
 class Run:
     """A finished or running run folder (``maps.zarr``, ``metrics/``, ``manifest.parquet``)."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
+    def __init__(self, root: str | os.PathLike[str], **storage_options: Any) -> None:
+        self.location = Location(root, **storage_options)
+        self.root = self.location.url
+        if not self.location.isdir():
             raise StorageError(f"run folder {self.root} does not exist")
-        self.store = SaliencyStore(self.root)
+        self.store = SaliencyStore(self.root, **storage_options)
 
     # -- maps ----------------------------------------------------------------------------
     def tables(self) -> list[tuple[str, str]]:
@@ -89,12 +90,12 @@ class Run:
 
     # -- tables --------------------------------------------------------------------------
     def _metrics_dataset(self) -> pads.Dataset:
-        path = self.root / "metrics"
-        if not path.is_dir():
-            raise StorageError(f"{self.root} has no metrics yet (no {path})")
+        if not self.location.isdir("metrics"):
+            raise StorageError(f"{self.root} has no metrics yet (no metrics/ folder)")
         part = pads.partitioning(_partition_schema(), flavor="hive")
-        return pads.dataset(path, format="parquet", partitioning=part, schema=_full_schema(),
-                            exclude_invalid_files=True)
+        fs = None if self.location.local else self.location.fs
+        return pads.dataset(self.location.path("metrics"), format="parquet", partitioning=part,
+                            schema=_full_schema(), filesystem=fs, exclude_invalid_files=True)
 
     def metrics(self, filters: Sequence[tuple[str, str, Any]] | None = None,
                 columns: Sequence[str] | None = None) -> pd.DataFrame:
@@ -118,17 +119,33 @@ class Run:
         import duckdb
 
         con = duckdb.connect()
+        loc = self.location
         try:
-            if (self.root / "metrics").is_dir():
-                glob = str(self.root / "metrics" / "**" / "*.parquet")
-                con.execute(f"create view metrics as select * from read_parquet('{glob}', "
-                            "hive_partitioning=true, union_by_name=true)")
-            if (self.root / "manifest.parquet").is_file():
-                con.execute("create view manifest as select * from read_parquet("
-                            f"'{self.root / 'manifest.parquet'}')")
-            if list(self.root.glob("summary-*.parquet")):
-                con.execute("create view summary as select * from read_parquet("
-                            f"'{self.root / 'summary-*.parquet'}')")
+            if loc.local:  # DuckDB scans the files itself
+                if loc.isdir("metrics"):
+                    con.execute("create view metrics as select * from read_parquet("
+                                f"'{loc.path('metrics', '**', '*.parquet')}', "
+                                "hive_partitioning=true, union_by_name=true)")
+                if loc.exists("manifest.parquet"):
+                    con.execute("create view manifest as select * from read_parquet("
+                                f"'{loc.path('manifest.parquet')}')")
+                if loc.glob("summary-*.parquet"):
+                    con.execute("create view summary as select * from read_parquet("
+                                f"'{loc.path('summary-*.parquet')}')")
+            else:  # remote: read with pyarrow through fsspec, hand DuckDB the Arrow tables
+                import pyarrow.parquet as pq
+
+                if loc.isdir("metrics"):
+                    con.register("metrics", self._metrics_dataset().to_table())
+                if loc.exists("manifest.parquet"):
+                    con.register("manifest", pq.read_table(loc.path("manifest.parquet"),
+                                                           filesystem=loc.fs))
+                summaries = loc.glob("summary-*.parquet")
+                if summaries:
+                    import pyarrow as pa
+
+                    con.register("summary", pa.concat_tables(
+                        [pq.read_table(p, filesystem=loc.fs) for p in summaries]))
             return con.execute(query).df()
         except duckdb.Error as exc:
             raise StorageError(f"query failed on {self.root}: {exc}") from exc

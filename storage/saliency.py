@@ -30,6 +30,7 @@ import numpy as np
 import zarr
 
 from .errors import IncompleteShardError, SchemaVersionError, StorageError, storage_errors
+from .location import Location
 
 #: Bumped on any incompatible layout change; readers refuse other major versions.
 SCHEMA_VERSION = 1
@@ -65,19 +66,22 @@ class TableSpec:
 class SaliencyStore:
     """Create, fill and read a run's saliency store (local path)."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
-        self.zarr_path = self.root / "maps.zarr"
+    def __init__(self, root: str | os.PathLike[str], **storage_options: Any) -> None:
+        self.location = Location(root, **storage_options)
+        self.root = self.location.url
+        #: what zarr/xarray open: a local path or an fsspec URL
+        self.zarr_path = self.location.url_of("maps.zarr")
 
     # -- creation ------------------------------------------------------------------------
     @classmethod
     def create(cls, root: str | os.PathLike[str], run_id: str,
-               attributes: Mapping[str, Any] | None = None) -> SaliencyStore:
+               attributes: Mapping[str, Any] | None = None,
+               **storage_options: Any) -> SaliencyStore:
         """Create the store (or open it if it exists with the same run id)."""
-        store = cls(root)
+        store = cls(root, **storage_options)
         with storage_errors(store.zarr_path):
-            store.root.mkdir(parents=True, exist_ok=True)
-            if (store.zarr_path / "zarr.json").exists():
+            store.location.makedirs()
+            if store.location.exists("maps.zarr", "zarr.json"):
                 existing = store.attrs
                 if existing.get("run_id") != run_id:
                     raise StorageError(f"{store.zarr_path} belongs to run "
@@ -169,12 +173,10 @@ class SaliencyStore:
                 for name, value in arrays.items():
                     arr = g[method][name]
                     arr[sl] = _check(value, (n, *arr.shape[1:]), f"{method}.{name}")
-            done = self._marker(dataset, model, shard)
-            done.parent.mkdir(parents=True, exist_ok=True)
-            tmp = done.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"shard": shard, "images": n, **dict(record or {})}))
-            tmp.replace(done)
-        return done
+            done = self.location.write_bytes(
+                json.dumps({"shard": shard, "images": n, **dict(record or {})}).encode(),
+                *self._marker(dataset, model, shard))
+        return Path(done) if self.location.local else done
 
     # -- reading -------------------------------------------------------------------------
     @property
@@ -182,7 +184,7 @@ class SaliencyStore:
         return dict(self._group(mode="r").attrs)
 
     def _group(self, mode: str = "r") -> zarr.Group:
-        if not (self.zarr_path / "zarr.json").exists():
+        if not self.location.exists("maps.zarr", "zarr.json"):
             raise StorageError(f"{self.zarr_path} is not a saliency store (no zarr.json); "
                                "pass the run folder that holds maps.zarr")
         group = zarr.open_group(self.zarr_path, mode=mode, zarr_format=3)
@@ -211,15 +213,24 @@ class SaliencyStore:
                          {k: tuple(v) for k, v in spec["raw_shapes"].items()},
                          tuple(spec["stderr_methods"])), g
 
-    def _marker(self, dataset: str, model: str, shard: int) -> Path:
-        return self.root / "shards" / dataset / model / f"shard-{shard:05d}.json"
+    @staticmethod
+    def _marker(dataset: str, model: str, shard: int) -> tuple[str, ...]:
+        return ("shards", dataset, model, f"shard-{shard:05d}.json")
 
     def shard_status(self, dataset: str, model: str) -> dict[int, bool]:
         spec, _ = self.table(dataset, model)
-        return {k: self._marker(dataset, model, k).is_file() for k in range(spec.n_shards)}
+        done = {p.rsplit("/", 1)[-1] for p in
+                self.location.glob("shards", dataset, model, "shard-*.json")}
+        return {k: f"shard-{k:05d}.json" in done for k in range(spec.n_shards)}
 
     def completed(self, dataset: str, model: str, shard: int) -> bool:
-        return self._marker(dataset, model, shard).is_file()
+        return self.location.exists(*self._marker(dataset, model, shard))
+
+    def shard_record(self, dataset: str, model: str, shard: int) -> dict[str, Any]:
+        """The completion record of a shard (what its writer reported)."""
+        if not self.completed(dataset, model, shard):
+            raise IncompleteShardError(f"shard {shard} of {dataset}/{model} is not complete")
+        return json.loads(self.location.read_text(*self._marker(dataset, model, shard)))
 
     def read_shard(self, dataset: str, model: str, method: str, shard: int,
                    name: str = "maps") -> np.ndarray:

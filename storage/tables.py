@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import StorageError, storage_errors
+from .location import Location
 
 METRICS_SCHEMA = pa.schema([
     ("run_id", pa.string()),
@@ -68,13 +68,13 @@ SUMMARY_SCHEMA = pa.schema([
 ])
 
 
-def _atomic_write(table: pa.Table, path: Path) -> Path:
-    with storage_errors(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        pq.write_table(table, tmp, compression="zstd")
-        tmp.replace(path)
-    return path
+def _atomic_write(table: pa.Table, root: str | os.PathLike[str], *parts: str) -> str:
+    """Write ``table`` under the run ``root`` (local path or fsspec URL), all or nothing."""
+    loc = Location(root)
+    with storage_errors(loc.path(*parts)):
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf, compression="zstd")
+        return loc.write_bytes(buf.getvalue().to_pybytes(), *parts)
 
 
 def _table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema, what: str) -> pa.Table:
@@ -90,30 +90,34 @@ def _table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema, what: str) -> p
         raise StorageError(f"{what} rows do not fit the schema: {exc}") from exc
 
 
-def metrics_path(root: str | os.PathLike[str], dataset: str, model: str, method: str,
-                 shard: int, protocol: str = "scorecam") -> Path:
+def metrics_parts(dataset: str, model: str, method: str, shard: int,
+                  protocol: str = "scorecam") -> tuple[str, ...]:
     """One file per shard, method and protocol variant (variants never overwrite each other)."""
-    return (Path(root) / "metrics" / f"dataset={dataset}" / f"model={model}"
-            / f"method={method}" / f"shard-{shard:05d}-{protocol}.parquet")
+    return ("metrics", f"dataset={dataset}", f"model={model}", f"method={method}",
+            f"shard-{shard:05d}-{protocol}.parquet")
+
+
+def metrics_exist(root: str | os.PathLike[str], dataset: str, model: str, method: str,
+                  shard: int, protocol: str = "scorecam") -> bool:
+    return Location(root).exists(*metrics_parts(dataset, model, method, shard, protocol))
 
 
 def write_metrics_shard(root: str | os.PathLike[str], dataset: str, model: str, method: str,
                         shard: int, rows: Sequence[Mapping[str, Any]],
-                        protocol: str = "scorecam") -> Path:
+                        protocol: str = "scorecam") -> str:
     """Write one shard's rows of one method and protocol (replaces that same file)."""
     rows = [{**r, "shard": shard, "protocol": protocol} for r in rows]
-    return _atomic_write(_table(rows, METRICS_SCHEMA, "metrics"),
-                         metrics_path(root, dataset, model, method, shard, protocol))
+    return _atomic_write(_table(rows, METRICS_SCHEMA, "metrics"), root,
+                         *metrics_parts(dataset, model, method, shard, protocol))
 
 
-def write_manifest(root: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> Path:
+def write_manifest(root: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> str:
     """Replace the run manifest (one row per dataset x model); written by the coordinator."""
-    return _atomic_write(_table(rows, MANIFEST_SCHEMA, "manifest"), Path(root) /
-                         "manifest.parquet")
+    return _atomic_write(_table(rows, MANIFEST_SCHEMA, "manifest"), root, "manifest.parquet")
 
 
 def write_summary(root: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]],
-                  protocol: str = "scorecam") -> Path:
+                  protocol: str = "scorecam") -> str:
     """The run's aggregate for one protocol variant: ``summary-<protocol>.parquet``."""
-    return _atomic_write(_table(rows, SUMMARY_SCHEMA, "summary"),
-                         Path(root) / f"summary-{protocol}.parquet")
+    return _atomic_write(_table(rows, SUMMARY_SCHEMA, "summary"), root,
+                         f"summary-{protocol}.parquet")

@@ -7,7 +7,6 @@ import base64
 import html
 import io
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,15 +60,16 @@ def _table_html(table: dict[str, Any]) -> str:
     return f"<table><tr><th>metric</th>{head}</tr>{''.join(body)}</table>"
 
 
-def write_report(run_dir: str, config: dict[str, Any], tables: dict[str, Any]) -> Path:
-    """Write ``<run_dir>/report.html`` and return its path."""
+def write_report(run_dir: str, config: dict[str, Any], tables: dict[str, Any]) -> str:
+    """Write ``<run_dir>/report.html`` (local path or fsspec URL) and return its path."""
     from PIL import Image
 
     run = open_run(run_dir)
     records = {r.image_id: r for r in sample_dataset(
         open_dataset(config["dataset"], config.get("root"), config.get("split", "test")),
         config.get("n_images"), config.get("seed", 0))}
-    sections = [f"<h1>Shap-CAM run {html.escape(Path(run_dir).name)}</h1>",
+    sections = [f"<h1>Shap-CAM run {html.escape(str(run_dir).rstrip('/').rsplit('/', 1)[-1])}"
+                "</h1>",
                 f"<p>dataset <b>{html.escape(config['dataset'])}</b>, protocol "
                 f"<b>{html.escape(config.get('protocol', 'scorecam'))}</b>, methods "
                 f"{html.escape(', '.join(config['methods']))}</p>"]
@@ -92,8 +92,6 @@ def write_report(run_dir: str, config: dict[str, Any], tables: dict[str, Any]) -
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head>"
             f"<body>{''.join(sections)}</body></html>")
-    path = Path(run_dir) / "report.html"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(page)
-    tmp.replace(path)
-    return path
+    from storage.location import Location
+
+    return Location(run_dir).write_bytes(page.encode(), "report.html")

@@ -26,7 +26,7 @@ from shapcam.methods import METHODS, CAMMethod
 from shapcam.metrics import confidence_metrics, deletion_insertion, energy_pointing_game
 from shapcam.models import INPUT_SIZE, LoadedModel, load_model
 from storage import SaliencyStore, TableSpec, open_run, write_metrics_shard, write_summary
-from storage.tables import metrics_path
+from storage.tables import metrics_exist
 
 _MODELS: dict[tuple[str, str, str | None, str], LoadedModel] = {}
 _METHODS: dict[tuple[Any, ...], CAMMethod] = {}
@@ -176,7 +176,7 @@ def explain_shard(run_dir: str, config: dict[str, Any], model: dict[str, Any], s
 
 def metrics_complete(run_dir: str, config: dict[str, Any], model: str, shard: int) -> bool:
     protocol = config.get("protocol", "scorecam")
-    return all(metrics_path(run_dir, config["dataset"], model, m, shard, protocol).is_file()
+    return all(metrics_exist(run_dir, config["dataset"], model, m, shard, protocol)
                for m in config["methods"])
 
 
@@ -191,8 +191,7 @@ def evaluate_shard(run_dir: str, config: dict[str, Any], model: dict[str, Any], 
     store = SaliencyStore(run_dir)
     spec, g = store.table(dataset, name)
     sl = spec.shard_slice(shard)
-    shard_record = json.loads((Path(run_dir) / "shards" / dataset / name /
-                               f"shard-{shard:05d}.json").read_text())
+    shard_record = store.shard_record(dataset, name, shard)
     failures: dict[str, str] = shard_record.get("failures", {})
     targets = g["images"]["target"][sl]
     good, xs, load_failures = _load(records)

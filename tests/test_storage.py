@@ -155,15 +155,14 @@ def test_full_disk_surfaces_clearly_and_keeps_written_shards(tmp_path, monkeypat
 
 
 def test_permission_error_is_clear(tmp_path, monkeypatch):
+    from storage.location import Location
+
     st = make_store(tmp_path, shards=())
-    original = Path.write_text
 
-    def denied(self, *args, **kwargs):
-        if self.name.startswith("shard-"):
-            raise PermissionError(errno.EACCES, "Permission denied", str(self))
-        return original(self, *args, **kwargs)
+    def denied(self, data, *parts):
+        raise PermissionError(errno.EACCES, "Permission denied", "/".join(parts))
 
-    monkeypatch.setattr(Path, "write_text", denied)
+    monkeypatch.setattr(Location, "write_bytes", denied)
     with pytest.raises(StorageError, match="no permission to write there"):
         st.write_shard("sample", "mobilenet_v2", 0, *shard_arrays(0))
 
@@ -314,3 +313,26 @@ def test_missing_store_is_clear(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(StorageError, match="not a saliency store"):
         open_run(tmp_path / "empty").tables()
+
+
+def test_store_and_tables_on_an_fsspec_url():
+    """The same API on a non-local filesystem (fsspec's in-memory one stands for S3/GCS)."""
+    import fsspec
+
+    url = "memory://shapcam-test/run-url"
+    fsspec.filesystem("memory").rm("/shapcam-test", recursive=True) if fsspec.filesystem(
+        "memory").exists("/shapcam-test") else None
+    st = make_store(url, shards=(0, 1))
+    assert st.shard_status("sample", "mobilenet_v2") == {0: True, 1: True, 2: False}
+    write_tables(url)
+    run = open_run(url)
+    _, methods = shard_arrays(1)
+    got = run.maps("sample", "mobilenet_v2", "shapcam", ids=["img05"]).values[0]
+    np.testing.assert_allclose(got, methods["shapcam"]["maps"][1], atol=1e-3)
+    with pytest.raises(IncompleteShardError):
+        st.read_shard("sample", "mobilenet_v2", "shapcam", 2)
+    assert len(run.metrics(filters=[("method", "=", "gradcam")])) == N
+    out = run.sql("select method, count(*) as n from metrics group by method order by method")
+    assert out["n"].tolist() == [N, N]
+    assert run.sql("select status from manifest")["status"].tolist() == ["completed"]
+    assert run.sql("select count(*) as n from summary")["n"].tolist() == [1]
