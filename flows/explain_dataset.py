@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -131,9 +130,6 @@ def _key(text: str) -> str:
     """Prefect artifact keys: lowercase letters, digits and dashes."""
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-") or "run"
 
-
-def default_run_dir(store: str, run_id: str) -> str:
-    return str(Path(store) / run_id)
 
 
 @flow(name="evaluate-store", flow_run_name="evaluate {run_id} ({protocol})")

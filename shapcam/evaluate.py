@@ -105,16 +105,15 @@ def evaluate_records(
             labels = torch.tensor([r.label for r, _, _ in ok], device=device)
             targets = labels if target == "label" else None
             for name, cam in cams.items():
-                rows += _evaluate_batch(cam, name, lm, ok, x, targets, labels, protocol, causal,
-                                        seed)
+                rows += _evaluate_batch(cam, name, lm, ok, x, targets, protocol, causal, seed)
         if progress is not None:
             progress(len(chunk))
     return rows
 
 
 def _evaluate_batch(cam: CAMMethod, name: str, lm: LoadedModel, ok, x: torch.Tensor,
-                    targets: torch.Tensor | None, labels: torch.Tensor, protocol: str,
-                    causal: bool, seed: int) -> list[MetricRow]:
+                    targets: torch.Tensor | None, protocol: str, causal: bool,
+                    seed: int) -> list[MetricRow]:
     t0 = time.perf_counter()
     kwargs = {"seeds": [image_seed(seed, r.image_id) for r, _, _ in ok]} if name == "shapcam" \
         else {}
@@ -126,21 +125,29 @@ def _evaluate_batch(cam: CAMMethod, name: str, lm: LoadedModel, ok, x: torch.Ten
     if x.is_cuda:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - t0) / x.shape[0]
-    tg = result.targets
-    maps = stored_precision(result.maps)
-    conf = confidence_metrics(lm.model, x, maps, tg, protocol)
-    boxes = [b.get(int(t), torch.zeros(0, 4)) for (_, _, b), t in zip(ok, tg.tolist(),
-                                                                    strict=True)]
+    return score_maps(lm.model, x, stored_precision(result.maps), result.targets,
+                      [(r, b) for r, _, b in ok], name, protocol, causal, seconds)
+
+
+def score_maps(model: torch.nn.Module, x: torch.Tensor, maps: torch.Tensor,
+               targets: torch.Tensor,
+               examples: Sequence[tuple[ImageRecord, dict[int, torch.Tensor]]],
+               method: str, protocol: str, causal: bool, seconds: float) -> list[MetricRow]:
+    """Every metric of one batch of maps; ``examples`` pairs each record with its boxes per
+    class in the input frame (as :func:`~shapcam.data.load_example` returns them)."""
+    conf = confidence_metrics(model, x, maps, targets, protocol)
+    boxes = [b.get(int(t), torch.zeros(0, 4)) for (_, b), t in zip(examples, targets.tolist(),
+                                                                  strict=True)]
     energy = energy_pointing_game(maps, boxes)
-    di = deletion_insertion(lm.model, x, maps, tg) if causal else None
+    di = deletion_insertion(model, x, maps, targets) if causal else None
     rows = []
-    for i, (rec, _, _) in enumerate(ok):
-        filtered = localisation_filter(rec, int(tg[i]))
+    for i, (rec, _) in enumerate(examples):
+        t = int(targets[i])
         rows.append(MetricRow(
-            rec.image_id, name, protocol, target=int(tg[i]), label=int(labels[i]),
+            rec.image_id, method, protocol, target=t, label=rec.label,
             y=float(conf["y"][i]), o=float(conf["o"][i]), avg_drop=float(conf["avg_drop"][i]),
             increase=float(conf["increase"][i]),
-            proportion=float(energy[i]) if filtered else math.nan,
+            proportion=float(energy[i]) if localisation_filter(rec, t) else math.nan,
             deletion=float(di["deletion"][i]) if di else math.nan,
             insertion=float(di["insertion"][i]) if di else math.nan, seconds=seconds))
     return rows

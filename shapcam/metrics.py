@@ -119,16 +119,21 @@ def energy_pointing_game(maps: torch.Tensor, boxes: Sequence[torch.Tensor]) -> t
     return out
 
 
-def gaussian_blur(x01: torch.Tensor, kernel: int = 11, sigma: float = 5.0) -> torch.Tensor:
-    """RISE's insertion substrate: a ``kernel``-tap Gaussian blur (zero padding, as RISE)."""
-    t = torch.arange(kernel, dtype=x01.dtype, device=x01.device) - (kernel - 1) / 2
+def gaussian_blur(x: torch.Tensor, kernel: int = 11, sigma: float = 5.0,
+                  border: Literal["zeros", "reflect"] = "zeros") -> torch.Tensor:
+    """Separable ``kernel``-tap Gaussian blur. ``zeros``: RISE's insertion substrate (zero
+    padding, as RISE); ``reflect``: cv2.GaussianBlur's default border (Mask's substrate)."""
+    t = torch.arange(kernel, dtype=x.dtype, device=x.device) - (kernel - 1) / 2
     g = torch.exp(-t**2 / (2 * sigma**2))
     g = g / g.sum()
-    C = x01.shape[1]
-    out = F.conv2d(x01, g.view(1, 1, 1, -1).expand(C, 1, 1, -1), padding=(0, kernel // 2),
-                   groups=C)
-    return F.conv2d(out, g.view(1, 1, -1, 1).expand(C, 1, -1, 1), padding=(kernel // 2, 0),
-                    groups=C)
+    C, r = x.shape[1], kernel // 2
+    if border == "reflect":
+        x = F.pad(x, (r, r, r, r), mode="reflect")
+        pad_x, pad_y = (0, 0), (0, 0)
+    else:
+        pad_x, pad_y = (0, r), (r, 0)
+    out = F.conv2d(x, g.view(1, 1, 1, -1).expand(C, 1, 1, -1), padding=pad_x, groups=C)
+    return F.conv2d(out, g.view(1, 1, -1, 1).expand(C, 1, -1, 1), padding=pad_y, groups=C)
 
 
 def auc(curve: torch.Tensor) -> torch.Tensor:

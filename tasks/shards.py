@@ -18,16 +18,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from shapcam.data import ImageRecord, load_example, localisation_filter, open_dataset
+from shapcam.data import ImageRecord, load_example, open_dataset
 from shapcam.data import sample_records as sample_dataset
-from shapcam.data.records import scale_boxes
-from shapcam.evaluate import MetricRow, image_seed, summary_table
+from shapcam.evaluate import MetricRow, image_seed, score_maps, summary_table
 from shapcam.methods import METHODS, CAMMethod
-from shapcam.metrics import confidence_metrics, deletion_insertion, energy_pointing_game
 from shapcam.models import INPUT_SIZE, LoadedModel, load_model
 from storage import SaliencyStore, TableSpec, open_run, write_metrics_shard, write_summary
 from storage.tables import metrics_exist
 
+_METRIC_COLUMNS = ("image_id", "target", "label", "protocol", "y", "o", "avg_drop", "increase",
+                   "proportion", "deletion", "insertion", "seconds")
 _MODELS: dict[tuple[str, str, str | None, str], LoadedModel] = {}
 _METHODS: dict[tuple[Any, ...], CAMMethod] = {}
 
@@ -111,8 +111,8 @@ def _load(records: Sequence[dict[str, Any]]):
     for i, d in enumerate(records):
         rec = record_from_dict(d)
         try:
-            x, _, size = load_example(rec)
-            good.append((i, rec, size))
+            x, boxes, size = load_example(rec)
+            good.append((i, rec, boxes, size))
             xs.append(x)
         except Exception as exc:  # noqa: BLE001 - any unreadable image is a per-image failure
             failures[rec.image_id] = str(exc)
@@ -133,17 +133,19 @@ def explain_shard(run_dir: str, config: dict[str, Any], model: dict[str, Any], s
     spec, _ = store.table(dataset, name)
     n = len(records)
     good, xs, failures = _load(records)
-    idx = [i for i, _, _ in good]
+    idx = [i for i, *_ in good]
     images: dict[str, np.ndarray] = {
         "target": np.full(n, -1), "probability": np.full(n, np.nan), "width": np.full(n, -1),
         "height": np.full(n, -1), "boxes": np.full((n, 16, 4), np.nan)}
-    for i, rec, (w, h) in good:
+    for i, rec, _, (w, h) in good:
         images["width"][i], images["height"][i] = w, h
         b = rec.boxes_of(rec.label)[:16]
         images["boxes"][i, : len(b)] = b
     out: dict[str, dict[str, np.ndarray]] = {}
     seconds: dict[str, float] = {}
     evaluations = 0
+    x = torch.stack(xs).to(lm.device) if good else None
+    seeds = [image_seed(config.get("seed", 0), r.image_id) for _, r, _, _ in good]
     for m in config["methods"]:
         h, w = spec.raw_shapes[m]
         arrays = {"maps": np.full((n, INPUT_SIZE, INPUT_SIZE), np.nan, dtype=np.float16),
@@ -152,9 +154,7 @@ def explain_shard(run_dir: str, config: dict[str, Any], model: dict[str, Any], s
             arrays["stderr"] = np.full((n, h, w), np.nan, dtype=np.float32)
         if good:
             cam = cached_method(lm, m, config.get("method_options", {}).get(m, {}))
-            x = torch.stack(xs).to(lm.device)
-            kwargs = {"seeds": [image_seed(config.get("seed", 0), r.image_id)
-                                for _, r, _ in good]} if m == "shapcam" else {}
+            kwargs = {"seeds": seeds} if m == "shapcam" else {}
             t = time.perf_counter()
             result = cam(x, None, **kwargs)
             seconds[m] = (time.perf_counter() - t) / len(good)
@@ -199,6 +199,7 @@ def evaluate_shard(run_dir: str, config: dict[str, Any], model: dict[str, Any], 
     protocol = config.get("protocol", "scorecam")
     lm = cached_model(name, model["weights"], model.get("layer"), config.get("device", "cpu"))
     run_id = store.attrs["run_id"]
+    x = torch.stack(xs).to(lm.device) if good else None
     for m in config["methods"]:
         rows: list[dict[str, Any]] = []
         for d in records:
@@ -206,33 +207,18 @@ def evaluate_shard(run_dir: str, config: dict[str, Any], model: dict[str, Any], 
                 rows.append({"run_id": run_id, "image_id": d["image_id"], "label": d["label"],
                              "protocol": protocol, "error": failures[d["image_id"]]})
         if good:
-            idx = [i for i, _, _ in good]
-            x = torch.stack(xs).to(lm.device)
+            idx = [i for i, *_ in good]
             maps = torch.from_numpy(store.read_shard(dataset, name, m, shard)[idx]
                                     .astype(np.float32)).to(lm.device)
             tg = torch.from_numpy(targets[idx].astype(np.int64)).to(lm.device)
-            conf = confidence_metrics(lm.model, x, maps, tg, protocol)
-            boxes = [torch.from_numpy(rec.boxes_of(int(t)).copy()) for (_, rec, _), t in
-                     zip(good, tg.tolist(), strict=True)]
-            boxes = [torch.from_numpy(scale_boxes(b.numpy(), size)) for b, (_, _, size) in
-                     zip(boxes, good, strict=True)]
-            energy = energy_pointing_game(maps, boxes)
-            di = (deletion_insertion(lm.model, x, maps, tg) if config.get("causal", True)
-                  else None)
             secs = shard_record.get("seconds", {}).get(m, math.nan)
-            for j, (_, rec, _) in enumerate(good):
-                t = int(tg[j])
-                rows.append({
-                    "run_id": run_id, "image_id": rec.image_id, "target": t,
-                    "label": rec.label, "protocol": protocol, "y": float(conf["y"][j]),
-                    "o": float(conf["o"][j]), "avg_drop": float(conf["avg_drop"][j]),
-                    "increase": float(conf["increase"][j]),
-                    "proportion": float(energy[j]) if localisation_filter(rec, t) else None,
-                    "deletion": float(di["deletion"][j]) if di else None,
-                    "insertion": float(di["insertion"][j]) if di else None,
-                    "seconds": secs,
-                    "evaluations": None,
-                })
+            for r in score_maps(lm.model, x, maps, tg, [(rec, b) for _, rec, b, _ in good], m,
+                                protocol, config.get("causal", True), secs):
+                row = {k: getattr(r, k) for k in _METRIC_COLUMNS}
+                # Not applicable is NULL in the tables (SQL aggregates skip it; NaN would not).
+                rows.append({k: None if isinstance(v, float) and math.isnan(v) and
+                             k != "seconds" else v for k, v in row.items()}
+                            | {"run_id": run_id, "evaluations": None})
         write_metrics_shard(run_dir, dataset, name, m, shard, rows, protocol)
     return {"shard": shard, "model": name, "skipped": False,
             "seconds": time.perf_counter() - t0}

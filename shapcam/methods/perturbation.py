@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..metrics import gaussian_blur
 from .base import CAMMethod, minmax
 
 
@@ -122,18 +123,6 @@ class RISE(CAMMethod):
         return sal, {"forward_passes": torch.full((B,), N)}
 
 
-def _gaussian_blur(x: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur with reflected borders (cv2.GaussianBlur's default border)."""
-    radius = kernel // 2
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-t**2 / (2 * sigma**2))
-    k = k / k.sum()
-    C = x.shape[1]
-    x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
-
-
 class MeaningfulPerturbation(CAMMethod):
     """Mask / meaningful perturbation (Fong & Vedaldi, ICCV 2017), reference defaults.
 
@@ -163,7 +152,7 @@ class MeaningfulPerturbation(CAMMethod):
     def raw_maps(self, x: torch.Tensor, targets: torch.Tensor, *, features: torch.Tensor,
                  logits: torch.Tensor, **_: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         B = x.shape[0]
-        blurred = _gaussian_blur(x, self.blur_kernel, self.blur_sigma)
+        blurred = gaussian_blur(x, self.blur_kernel, self.blur_sigma, border="reflect")
         m = torch.ones(B, 1, self.mask_size, self.mask_size, device=x.device, requires_grad=True)
         opt = torch.optim.Adam([m], lr=self.lr)
         with torch.enable_grad():
