@@ -13,20 +13,19 @@ import subprocess
 import sys
 import time
 import urllib.request
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from shapcam.cli import _fail, app, method_settings
+from shapcam.cli import _fail, app
 from shapcam.models import ShapCAMError
+from storage import StorageError
 from storage.cli import query
 
+from .runtime import ALL_METHODS, DEFAULT_WORKERS, new_run_id, run_config, run_dir_for, task_runner
+
 app.command()(query)
-
-ALL_METHODS = "mask,rise,gradcam,gradcampp,scorecam,shapcam"
-
 
 def prefect_environment(home: Path) -> None:
     """Project-local Prefect home, analytics off (the closed network would see refused calls)."""
@@ -89,81 +88,133 @@ def local_prefect_server(timeout: float = 180.0):
         log.close()
 
 
-def task_runner(dask_address: str | None, workers: int, threads: int):
-    from prefect_dask import DaskTaskRunner
-
-    if dask_address:
-        return DaskTaskRunner(address=dask_address)
-    return DaskTaskRunner(cluster_kwargs={
-        "n_workers": workers, "threads_per_worker": 1, "processes": True,
-        "dashboard_address": ":0",
-        "env": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}})
+# The options `run` and `serve` share (a deployment stores the same parameters).
+Dataset = Annotated[str, typer.Option(help="sample, imagenet or voc.")]
+Root = Annotated[Path | None, typer.Option(
+    help="Dataset folder (sample: where to assemble it; default ~/.cache/shapcam).")]
+Split = Annotated[str, typer.Option(help="VOC split file (test, val, trainval).")]
+Models = Annotated[str, typer.Option(
+    help="Comma-separated models; NAME or NAME:WEIGHTS (e.g. vgg16:/w/vgg16.pth).")]
+Methods = Annotated[str, typer.Option(help="Comma-separated methods.")]
+NImages = Annotated[int | None, typer.Option(
+    help="Deterministic random sample of N images (the paper: 2000; default: all).")]
+ShardSize = Annotated[int, typer.Option(help="Images per shard (= per Zarr chunk).")]
+Seed = Annotated[int, typer.Option(help="Sampling and Shap-CAM seed.")]
+Protocol = Annotated[str, typer.Option(help="scorecam (paper) or gradcampp.")]
+Causal = Annotated[bool, typer.Option(help="Deletion/insertion AUC too.")]
+Preset = Annotated[str, typer.Option(
+    help="paper (the paper's settings) or quick (about 7x cheaper; the README's first run). "
+         "--set overrides single options.")]
+Settings = Annotated[list[str] | None, typer.Option(
+    "--set", help="METHOD.KEY=VALUE, repeatable (e.g. rise.n_masks=2000).")]
+Store = Annotated[str, typer.Option(
+    help="Folder or fsspec URL (s3://bucket/runs) holding the runs.")]
+Device = Annotated[str, typer.Option(help="cpu or cuda (tasks then need a GPU resource).")]
+Workers = Annotated[int, typer.Option(help="Local Dask worker processes.")]
+Threads = Annotated[int, typer.Option(help="Torch threads per worker.")]
+DaskAddress = Annotated[str | None, typer.Option(
+    help="Use an existing Dask scheduler, e.g. tcp://host:8786.")]
 
 
 @app.command()
 def run(
-    dataset: Annotated[str, typer.Option(help="sample, imagenet or voc.")] = "sample",
-    root: Annotated[Path | None, typer.Option(help="Dataset folder.")] = None,
-    split: Annotated[str, typer.Option(help="VOC split.")] = "test",
-    models: Annotated[str, typer.Option(
-        help="Comma-separated models; NAME or NAME:WEIGHTS (e.g. vgg16:/w/vgg16.pth).")
-    ] = "mobilenet_v2:IMAGENET1K_V1",
-    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = ALL_METHODS,
-    n_images: Annotated[int | None, typer.Option(help="Deterministic sample size.")] = None,
-    shard_size: Annotated[int, typer.Option(help="Images per shard (= per Zarr chunk).")] = 8,
-    seed: Annotated[int, typer.Option()] = 0,
-    protocol: Annotated[str, typer.Option(help="scorecam or gradcampp.")] = "scorecam",
-    causal: Annotated[bool, typer.Option(help="Deletion/insertion AUC too.")] = True,
-    settings: Annotated[list[str] | None, typer.Option(
-        "--set", help="METHOD.KEY=VALUE, repeatable.")] = None,
-    store: Annotated[str, typer.Option(
-        help="Folder or fsspec URL (s3://bucket/runs) holding the runs.")] = "runs",
+    dataset: Dataset = "sample", root: Root = None, split: Split = "test",
+    models: Models = "mobilenet_v2:IMAGENET1K_V1", methods: Methods = ALL_METHODS,
+    n_images: NImages = None, shard_size: ShardSize = 8, seed: Seed = 0,
+    protocol: Protocol = "scorecam", causal: Causal = True, preset: Preset = "paper",
+    settings: Settings = None, store: Store = "runs",
     run_id: Annotated[str | None, typer.Option(
         help="Run id; re-running with the same id resumes (default: a timestamp).")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    workers: Annotated[int, typer.Option(help="Local Dask worker processes.")] = max(
-        1, min(4, os.cpu_count() or 1)),
-    threads: Annotated[int, typer.Option(help="Torch threads per worker.")] = 1,
-    dask_address: Annotated[str | None, typer.Option(
-        help="Use an existing Dask scheduler, e.g. tcp://host:8786.")] = None,
+    device: Device = "cpu", workers: Workers = DEFAULT_WORKERS, threads: Threads = 1,
+    dask_address: DaskAddress = None,
 ) -> None:
     """Run the explain-dataset flow (Prefect + Dask): maps to Zarr, metrics to Parquet, report."""
     try:
-        names = [m.strip() for m in methods.split(",") if m.strip()]
-        per_method = method_settings(settings or [], names)
-        model_specs = []
-        for item in models.split(","):
-            name, _, weights = item.strip().partition(":")
-            model_specs.append({"name": name, "weights": weights or "DEFAULT", "layer": None})
-    except ShapCAMError as exc:
-        _fail(exc)
-    run_id = run_id or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    run_dir = (f"{store.rstrip('/')}/{run_id}" if "://" in store
-               else str((Path(store) / run_id).resolve()))
-    config = {"dataset": dataset, "root": str(root) if root else None, "split": split,
-              "n_images": n_images, "seed": seed, "shard_size": shard_size,
-              "models": model_specs, "methods": names, "method_options": per_method,
-              "protocol": protocol, "causal": causal, "device": device,
-              "torch_threads": threads}
-    if dataset == "sample":
-        from shapcam.weights import install_offline_weights
+        config = run_config(dataset=dataset, root=str(root) if root else None, split=split,
+                            models=models, methods=methods, n_images=n_images,
+                            shard_size=shard_size, seed=seed, protocol=protocol, causal=causal,
+                            preset=preset, settings=settings, device=device, threads=threads)
+        if dataset == "sample":
+            from shapcam.weights import install_offline_weights
 
-        install_offline_weights()
+            install_offline_weights()
+    except (ShapCAMError, RuntimeError) as exc:
+        _fail(exc)
+    run_id = run_id or new_run_id()
+    run_dir = run_dir_for(store, run_id)
     from .explain_dataset import explain_dataset
 
     typer.echo(f"run {run_id}, store {run_dir}")
     try:
         result = _run_flow(explain_dataset, task_runner(dask_address, workers, threads),
                            run_dir=run_dir, run_id=run_id, config=config)
-    except ShapCAMError as exc:
+    except (ShapCAMError, StorageError) as exc:
         _fail(exc)
     from shapcam.evaluate import format_table
 
     for model, table in result["tables"].items():
         typer.echo("\n" + format_table(table, f"{dataset} / {model} ({result['images']} images), "
-                                              f"protocol `{protocol}`"))
+                                              f"protocol `{protocol}`, preset `{preset}`"))
     typer.echo(f"\nreport: {result['report']}\nquery:  shapcam query {run_dir} "
                "\"select method, avg(avg_drop) from metrics group by method\"")
+
+
+@app.command()
+def serve(
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly",
+    cron: Annotated[str, typer.Option(help="Cron schedule (minute hour day month weekday).")
+                    ] = "0 2 * * *",
+    timezone: Annotated[str, typer.Option(help="Time zone of the cron schedule.")] = "UTC",
+    dataset: Dataset = "sample", root: Root = None, split: Split = "test",
+    models: Models = "mobilenet_v2:IMAGENET1K_V1", methods: Methods = ALL_METHODS,
+    n_images: NImages = None, shard_size: ShardSize = 8, seed: Seed = 0,
+    protocol: Protocol = "scorecam", causal: Causal = True, preset: Preset = "paper",
+    settings: Settings = None, store: Store = "runs",
+    device: Device = "cpu", workers: Workers = DEFAULT_WORKERS, threads: Threads = 1,
+    dask_address: DaskAddress = None,
+) -> None:
+    """Register a scheduled deployment of `shapcam run` and serve it until Ctrl-C.
+
+    Creates the deployment `scheduled-explain/NAME` with the cron schedule and these options as
+    its parameters, then waits for its runs (scheduled, or triggered with `prefect deployment
+    run scheduled-explain/NAME`) and executes each in a subprocess. Each run gets a new run id
+    (its scheduled time) under --store. Uses PREFECT_API_URL when set (a long-lived
+    `prefect server start` is the usual setup), otherwise starts a local server for as long as
+    this command runs.
+    """
+    params = {"dataset": dataset, "root": str(root.resolve()) if root else None,
+              "split": split, "models": models, "methods": methods, "n_images": n_images,
+              "shard_size": shard_size, "seed": seed, "protocol": protocol, "causal": causal,
+              "preset": preset, "settings": settings or [],
+              "store": store if "://" in store else str(Path(store).resolve()),
+              "device": device, "workers": workers, "threads": threads,
+              "dask_address": dask_address}
+    try:
+        run_config(**{k: v for k, v in params.items()
+                      if k not in ("store", "workers", "dask_address")})  # fail now, not at 2 am
+    except ShapCAMError as exc:
+        _fail(exc)
+    from prefect import serve as prefect_serve
+    from prefect.types.entrypoint import EntrypointType
+
+    from .scheduled import scheduled_explain
+
+    deployment = scheduled_explain.to_deployment(
+        name=name, cron=cron, timezone=timezone, parameters=params,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        description=f"shapcam run on {dataset} ({methods}), cron {cron!r} {timezone}")
+    server = (contextlib.nullcontext(os.environ["PREFECT_API_URL"])
+              if os.environ.get("PREFECT_API_URL") else local_prefect_server())
+    with server as url:
+        base = url.removesuffix("/api")
+        os.environ["PREFECT_API_URL"] = f"{base}/api"  # the flow-run subprocesses inherit it
+        typer.echo(f"Prefect UI: {base}\ndeployment scheduled-explain/{name}, cron {cron!r} "
+                   f"({timezone}); trigger now with: PREFECT_API_URL={base}/api prefect "
+                   f"deployment run scheduled-explain/{name}")
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: f"{base}/api"}):
+            prefect_serve(deployment, print_starting_message=False)
 
 
 def _run_flow(flow, runner, **params: Any) -> dict[str, Any]:
@@ -185,12 +236,13 @@ def evaluate_store_command(
     run_dir: Annotated[str, typer.Argument(help="Run folder (or URL) written by `shapcam run`.")],
     protocol: Annotated[str, typer.Option(help="scorecam or gradcampp.")] = "gradcampp",
     causal: Annotated[bool, typer.Option(help="Deletion/insertion AUC too.")] = True,
-    workers: Annotated[int, typer.Option()] = max(1, min(4, os.cpu_count() or 1)),
+    workers: Annotated[int, typer.Option(help="Local Dask worker processes.")
+                       ] = DEFAULT_WORKERS,
     dask_address: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """Recompute a run's metrics with another protocol variant, reusing its stored maps."""
     from shapcam.metrics import VARIANTS
-    from storage import SaliencyStore, StorageError
+    from storage import SaliencyStore
 
     from .explain_dataset import evaluate_store
 
@@ -218,7 +270,7 @@ def report(
 ) -> None:
     """(Re)write a run's report.html from its store and tables; print its tables."""
     from shapcam.evaluate import format_table
-    from storage import SaliencyStore, StorageError
+    from storage import SaliencyStore
     from tasks.report import write_report
     from tasks.shards import aggregate
 
@@ -231,6 +283,30 @@ def report(
     for model, table in tables.items():
         typer.echo("\n" + format_table(table, f"{model}, protocol `{protocol}`"))
     typer.echo(f"\nreport: {path}")
+
+
+@app.command()
+def dashboard(
+    runs: Annotated[Path, typer.Option(help="Folder holding the runs (the --store of `run`).")
+                    ] = Path("runs"),
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8501,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+) -> None:
+    """Open the runs dashboard (Streamlit): tables, overlays side by side, filters, SQL."""
+    import dashboards
+
+    if not runs.is_dir():
+        _fail(ShapCAMError(f"runs folder {runs} does not exist; make a run with `shapcam run "
+                           f"--store {runs}` first, or pass --runs"))
+    app_path = Path(dashboards.__file__).with_name("app.py")
+    typer.echo(f"dashboard: http://{host}:{port}  (runs in {runs.resolve()}; Ctrl-C stops)")
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.address", host,
+           "--server.port", str(port), "--server.headless", "true",
+           "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+           "--client.toolbarMode", "viewer",
+           "--", "--runs", str(runs.resolve())]
+    with contextlib.suppress(KeyboardInterrupt):
+        raise typer.Exit(subprocess.call(cmd))
 
 
 __all__ = ["app"]

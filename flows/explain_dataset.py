@@ -22,6 +22,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.futures import as_completed
+from tqdm import tqdm
 
 from storage import SaliencyStore, open_run, write_manifest
 from tasks.report import write_report
@@ -73,7 +74,7 @@ def explain_dataset(run_dir: str, run_id: str, config: dict[str, Any]) -> dict[s
     logger.info("run %s: %d images in %d shards x %d models -> %s", run_id, plan["n_images"],
                 n_shards, len(config["models"]), run_dir)
     progress = create_progress_artifact(0.0, key=f"progress-{_key(run_id)}",
-                                        description=f"shards done of {total}")
+                                        description=f"tasks done of {2 * total}")
     futures = []
     with _gpu_annotation(config.get("device", "cpu")):
         for model in config["models"]:
@@ -84,9 +85,13 @@ def explain_dataset(run_dir: str, run_id: str, config: dict[str, Any]) -> dict[s
                 futures.append(evaluate_task.with_options(
                     task_run_name=f"evaluate {label}").submit(run_dir, config, model, k,
                                                                records, wait_for=[e]))
-    for done, fut in enumerate(as_completed(futures), start=1):
-        fut.result()
-        update_progress_artifact(progress, 100.0 * done / total)
+    # The progress artifact for the UI, a bar for the terminal; a task's exception stops here.
+    with tqdm(total=len(futures), desc=f"run {run_id}", unit="task") as bar:
+        for done, fut in enumerate(as_completed(futures), start=1):
+            summary = fut.result()
+            bar.set_postfix_str(f"{summary['model']} shard {summary['shard'] + 1}")
+            bar.update()
+            update_progress_artifact(progress, 100.0 * done / len(futures))
     tables = aggregate(run_dir, config)
     write_run_manifest(run_dir, run_id, config, plan, started)
     for model, table in tables.items():

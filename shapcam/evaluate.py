@@ -75,6 +75,7 @@ def evaluate_records(
     method_options: dict[str, dict[str, Any]] | None = None,
     batch_images: int = 8,
     causal: bool = True,
+    causal_step: int = 224,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> list[MetricRow]:
@@ -105,14 +106,15 @@ def evaluate_records(
             labels = torch.tensor([r.label for r, _, _ in ok], device=device)
             targets = labels if target == "label" else None
             for name, cam in cams.items():
-                rows += _evaluate_batch(cam, name, lm, ok, x, targets, protocol, causal, seed)
+                rows += _evaluate_batch(cam, name, lm, ok, x, targets, protocol,
+                                        causal_step if causal else None, seed)
         if progress is not None:
             progress(len(chunk))
     return rows
 
 
 def _evaluate_batch(cam: CAMMethod, name: str, lm: LoadedModel, ok, x: torch.Tensor,
-                    targets: torch.Tensor | None, protocol: str, causal: bool,
+                    targets: torch.Tensor | None, protocol: str, causal_step: int | None,
                     seed: int) -> list[MetricRow]:
     t0 = time.perf_counter()
     kwargs = {"seeds": [image_seed(seed, r.image_id) for r, _, _ in ok]} if name == "shapcam" \
@@ -126,20 +128,23 @@ def _evaluate_batch(cam: CAMMethod, name: str, lm: LoadedModel, ok, x: torch.Ten
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - t0) / x.shape[0]
     return score_maps(lm.model, x, stored_precision(result.maps), result.targets,
-                      [(r, b) for r, _, b in ok], name, protocol, causal, seconds)
+                      [(r, b) for r, _, b in ok], name, protocol, causal_step, seconds)
 
 
 def score_maps(model: torch.nn.Module, x: torch.Tensor, maps: torch.Tensor,
                targets: torch.Tensor,
                examples: Sequence[tuple[ImageRecord, dict[int, torch.Tensor]]],
-               method: str, protocol: str, causal: bool, seconds: float) -> list[MetricRow]:
+               method: str, protocol: str, causal_step: int | None,
+               seconds: float) -> list[MetricRow]:
     """Every metric of one batch of maps; ``examples`` pairs each record with its boxes per
-    class in the input frame (as :func:`~shapcam.data.load_example` returns them)."""
+    class in the input frame (as :func:`~shapcam.data.load_example` returns them).
+    ``causal_step``: pixels per deletion/insertion step (None: no causal metrics)."""
     conf = confidence_metrics(model, x, maps, targets, protocol)
     boxes = [b.get(int(t), torch.zeros(0, 4)) for (_, b), t in zip(examples, targets.tolist(),
                                                                   strict=True)]
     energy = energy_pointing_game(maps, boxes)
-    di = deletion_insertion(model, x, maps, targets) if causal else None
+    di = (deletion_insertion(model, x, maps, targets, step=causal_step)
+          if causal_step is not None else None)
     rows = []
     for i, (rec, _) in enumerate(examples):
         t = int(targets[i])

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu import forward_batch
 from .models import ShapCAMError, denormalize, normalize
 
 Variant = Literal["scorecam", "gradcampp"]
@@ -80,9 +81,10 @@ def increase_in_confidence(y: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
 
 def confidence_metrics(model: nn.Module, x: torch.Tensor, maps: torch.Tensor,
                        targets: torch.Tensor, variant: Variant = "scorecam",
-                       batch_size: int = 64) -> dict[str, torch.Tensor]:
+                       batch_size: int | None = None) -> dict[str, torch.Tensor]:
     """Per-image ``Y``, ``O``, ``avg_drop`` (%) and ``increase`` (bool) for one variant."""
     targets = targets.to(x.device).long()
+    batch_size = forward_batch(x.device, batch_size)
     y = _probabilities(model, x, targets, batch_size)
     o = _probabilities(model, explanation_images(x, maps.to(x.device), variant), targets,
                        batch_size)
@@ -144,7 +146,7 @@ def auc(curve: torch.Tensor) -> torch.Tensor:
 
 def causal_curves(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
                   mode: Literal["deletion", "insertion"], step: int = 224,
-                  batch_size: int = 64) -> torch.Tensor:
+                  batch_size: int | None = None) -> torch.Tensor:
     """Probability of the target after each step: ``(B, ceil(H * W / step) + 1)``."""
     if mode not in ("deletion", "insertion"):
         raise ShapCAMError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
@@ -161,7 +163,7 @@ def causal_curves(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets
     rank.scatter_(1, order, torch.arange(H * W, device=x.device).expand(B, -1))
     rank = rank.view(B, 1, H, W)
     curves = torch.empty(B, n_steps + 1, device=x.device)
-    per = max(1, batch_size)
+    per = forward_batch(x.device, batch_size)
     with torch.no_grad():
         for b in range(B):
             for s in range(0, n_steps + 1, per):
@@ -174,7 +176,7 @@ def causal_curves(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets
 
 
 def deletion_insertion(model: nn.Module, x: torch.Tensor, maps: torch.Tensor,
-                       targets: torch.Tensor, step: int = 224, batch_size: int = 64
+                       targets: torch.Tensor, step: int = 224, batch_size: int | None = None
                        ) -> dict[str, torch.Tensor]:
     """Per-image deletion and insertion AUC (lower deletion, higher insertion is better)."""
     targets = targets.to(x.device).long()

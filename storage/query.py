@@ -88,6 +88,38 @@ class Run:
                                        "resume the run or pass allow_incomplete=True")
         return da.isel(image=np.flatnonzero(keep))
 
+    def image_index(self, dataset: str) -> pd.DataFrame:
+        """Path, classes and boxes (original pixels) of each image (``images-<dataset>``)."""
+        import pyarrow.parquet as pq
+
+        name = f"images-{dataset}.parquet"
+        if not self.location.exists(name):
+            raise StorageError(f"{self.root} has no {name} (runs made before the image index "
+                               "existed do not; re-run `shapcam run` with the same --run-id "
+                               "to add it)")
+        fs = None if self.location.local else self.location.fs
+        return pq.read_table(self.location.path(name), filesystem=fs).to_pandas()
+
+    def photo(self, dataset: str, image_id: str, size: tuple[int, int] | None = None
+              ) -> np.ndarray:
+        """The RGB photo of ``image_id`` as uint8 ``(h, w, 3)``, resized to ``size`` (w, h):
+        the frame of the stored maps when ``size`` is the map size."""
+        from PIL import Image
+
+        index = self.image_index(dataset)
+        row = index[index["image_id"] == image_id]
+        if row.empty:
+            raise StorageError(f"image {image_id!r} is not in {dataset} of {self.root}")
+        path = row["path"].iloc[0]
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                if size is not None:
+                    im = im.resize(size, Image.BILINEAR)
+                return np.asarray(im)
+        except OSError as exc:
+            raise StorageError(f"cannot read the photo of {image_id}: {path}: {exc}") from exc
+
     # -- tables --------------------------------------------------------------------------
     def _metrics_dataset(self) -> pads.Dataset:
         if not self.location.isdir("metrics"):

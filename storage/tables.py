@@ -3,6 +3,7 @@
     <run>/metrics/dataset=<d>/model=<m>/method=<x>/shard-00003-<protocol>.parquet
     <run>/manifest.parquet
     <run>/summary-<protocol>.parquet
+    <run>/images-<dataset>.parquet      (where each image is, its classes and boxes)
 
 One explicit pyarrow schema per table (a column written as int by one shard and float by
 another would break readers). Every file is written to a temporary name and renamed, so a
@@ -67,6 +68,19 @@ SUMMARY_SCHEMA = pa.schema([
     ("images", pa.int64()),
 ])
 
+BOX = pa.struct([("cls", pa.int32()), ("xmin", pa.float32()), ("ymin", pa.float32()),
+                 ("xmax", pa.float32()), ("ymax", pa.float32())])
+IMAGES_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("path", pa.string()),
+    ("label", pa.int32()),
+    ("labels", pa.list_(pa.int32())),
+    ("boxes", pa.list_(BOX)),  # original pixels, as in the annotation
+    ("width", pa.int32()),  # from the annotation; null when it has none
+    ("height", pa.int32()),
+    ("error", pa.string()),
+])
+
 
 def _atomic_write(table: pa.Table, root: str | os.PathLike[str], *parts: str) -> str:
     """Write ``table`` under the run ``root`` (local path or fsspec URL), all or nothing."""
@@ -121,3 +135,11 @@ def write_summary(root: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]
     """The run's aggregate for one protocol variant: ``summary-<protocol>.parquet``."""
     return _atomic_write(_table(rows, SUMMARY_SCHEMA, "summary"), root,
                          f"summary-{protocol}.parquet")
+
+
+def write_image_index(root: str | os.PathLike[str], dataset: str,
+                      rows: Sequence[Mapping[str, Any]]) -> str:
+    """Where each image of the run is, its classes and its boxes: what a viewer needs to show
+    a map over its photo without the dataset reader (``images-<dataset>.parquet``)."""
+    return _atomic_write(_table(rows, IMAGES_SCHEMA, "image index"), root,
+                         f"images-{dataset}.parquet")

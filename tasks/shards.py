@@ -18,12 +18,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from shapcam.cpu import tune_allocator
 from shapcam.data import ImageRecord, load_example, open_dataset
 from shapcam.data import sample_records as sample_dataset
 from shapcam.evaluate import MetricRow, image_seed, score_maps, summary_table
 from shapcam.methods import METHODS, CAMMethod
-from shapcam.models import INPUT_SIZE, LoadedModel, load_model
-from storage import SaliencyStore, TableSpec, open_run, write_metrics_shard, write_summary
+from shapcam.models import INPUT_SIZE, LoadedModel, ShapCAMError, load_model
+from storage import (
+    SaliencyStore,
+    TableSpec,
+    open_run,
+    write_image_index,
+    write_metrics_shard,
+    write_summary,
+)
 from storage.tables import metrics_exist
 
 _METRIC_COLUMNS = ("image_id", "target", "label", "protocol", "y", "o", "avg_drop", "increase",
@@ -36,6 +44,8 @@ def cached_model(name: str, weights: str, layer: str | None, device: str) -> Loa
     """Load a model once per worker process and reuse it across tasks."""
     key = (name, weights, layer, device)
     if key not in _MODELS:
+        if device.startswith("cpu"):
+            tune_allocator()  # worker processes: keep freed activations for reuse
         _MODELS[key] = load_model(name, weights, target_layer=layer, device=device)
     return _MODELS[key]
 
@@ -59,12 +69,28 @@ def record_to_dict(r: ImageRecord) -> dict[str, Any]:
             "error": r.error}
 
 
+def image_index_row(r: ImageRecord) -> dict[str, Any]:
+    """A record as a row of the run's image index (storage knows no ImageRecord)."""
+    return {"image_id": r.image_id, "path": str(r.path), "label": r.label,
+            "labels": list(r.labels) or [r.label],
+            "boxes": [{"cls": int(c), "xmin": float(b[0]), "ymin": float(b[1]),
+                       "xmax": float(b[2]), "ymax": float(b[3])}
+                      for c, bs in r.boxes.items() for b in np.asarray(bs).reshape(-1, 4)],
+            "width": r.size[0] if r.size else None, "height": r.size[1] if r.size else None,
+            "error": r.error}
+
+
 def record_from_dict(d: dict[str, Any]) -> ImageRecord:
     return ImageRecord(d["image_id"], Path(d["path"]), d["label"],
                        {int(c): np.asarray(b, dtype=np.float32).reshape(-1, 4)
                         for c, b in d["boxes"].items()},
                        tuple(d["size"]) if d["size"] else None, tuple(d["labels"]),
                        error=d["error"])
+
+
+# The options that decide the maps: resuming a run with other values would mix two runs.
+MAP_KEYS = ("dataset", "split", "n_images", "seed", "shard_size", "models", "methods",
+            "method_options")
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -85,6 +111,13 @@ def plan_run(run_dir: str, run_id: str, config: dict[str, Any]) -> dict[str, Any
     store = SaliencyStore.create(run_dir, run_id, {
         "config": config, "config_hash": config_hash(config),
         "versions": {"torch": torch.__version__, "numpy": np.__version__}})
+    stored = store.attrs["config"]
+    changed = [k for k in MAP_KEYS if stored.get(k) != config.get(k)]
+    if changed:
+        was = ", ".join(f"{k}={stored.get(k)!r}" for k in changed)
+        raise ShapCAMError(f"run {run_id} in {run_dir} was made with other options ({was}); "
+                           "resume it with the same options, or start a new --run-id")
+    write_image_index(run_dir, config["dataset"], [image_index_row(r) for r in records])
     S = int(config["shard_size"])
     shards = [[record_to_dict(r) for r in records[k:k + S]] for k in range(0, len(records), S)]
     for spec in config["models"]:
@@ -102,7 +135,8 @@ def plan_run(run_dir: str, run_id: str, config: dict[str, Any]) -> dict[str, Any
                          [r.label for r in records],
                          TableSpec(len(records), S, (INPUT_SIZE, INPUT_SIZE), raw_shapes),
                          {"weights": lm.weights, "target_layer": lm.target_layer,
-                          "method_options": config.get("method_options", {})})
+                          "method_options": config.get("method_options", {}),
+                          "categories": list(lm.categories)})
     return {"run_dir": run_dir, "shards": shards, "n_images": len(records)}
 
 
@@ -213,7 +247,7 @@ def evaluate_shard(run_dir: str, config: dict[str, Any], model: dict[str, Any], 
             tg = torch.from_numpy(targets[idx].astype(np.int64)).to(lm.device)
             secs = shard_record.get("seconds", {}).get(m, math.nan)
             for r in score_maps(lm.model, x, maps, tg, [(rec, b) for _, rec, b, _ in good], m,
-                                protocol, config.get("causal", True), secs):
+                                protocol, causal_step(config), secs):
                 row = {k: getattr(r, k) for k in _METRIC_COLUMNS}
                 # Not applicable is NULL in the tables (SQL aggregates skip it; NaN would not).
                 rows.append({k: None if isinstance(v, float) and math.isnan(v) and
@@ -222,6 +256,11 @@ def evaluate_shard(run_dir: str, config: dict[str, Any], model: dict[str, Any], 
         write_metrics_shard(run_dir, dataset, name, m, shard, rows, protocol)
     return {"shard": shard, "model": name, "skipped": False,
             "seconds": time.perf_counter() - t0}
+
+
+def causal_step(config: dict[str, Any]) -> int | None:
+    """Pixels per deletion/insertion step of a run (None: causal metrics off)."""
+    return config.get("causal_step", 224) if config.get("causal", True) else None
 
 
 def aggregate(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:

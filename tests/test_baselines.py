@@ -101,6 +101,24 @@ def test_scorecam_matches_its_definition_and_skips_flat_channels(tiny):
     assert result.extras["forward_passes"].tolist() == [7, 7]
 
 
+def test_scorecam_max_channels_scores_only_the_most_varied_channels(tiny):
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        features = tiny.features(x)
+    full = ScoreCAM(tiny, "features", batch_size=5)(x, [0, 4])
+    fast = ScoreCAM(tiny, "features", batch_size=5, max_channels=3)(x, [0, 4])
+    assert fast.extras["forward_passes"].tolist() == [3, 3]
+    for b in range(2):
+        top = features[b].flatten(1).var(1).topk(3).indices
+        kept = torch.zeros(features.shape[1], dtype=torch.bool)
+        kept[top] = True
+        # The kept channels have exactly the full method's weights, the others weight 0.
+        torch.testing.assert_close(fast.extras["weights"][b][kept], full.extras["weights"][b][kept])
+        assert fast.extras["weights"][b][~kept].eq(0).all()
+    with pytest.raises(ValueError, match="max_channels"):
+        ScoreCAM(tiny, "features", max_channels=0)
+
+
 def test_rise_matches_its_definition(tiny):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     rise = RISE(tiny, "features", n_masks=20, grid=4, batch_size=7, seed=5)

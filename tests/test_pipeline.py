@@ -80,3 +80,28 @@ def test_bad_image_is_recorded_and_the_shard_completes(mobilenet, tmp_path):
     ids = list(maps.coords["image"].values)
     assert np.isnan(maps.values[ids.index("sample_china")]).all()
     assert not np.isnan(maps.values[ids.index("sample_coffee")]).any()
+
+
+@pytest.mark.real_weights
+def test_resuming_with_other_map_options_is_refused(mobilenet, tmp_path):
+    from shapcam.models import ShapCAMError
+
+    config = config_for(tmp_path / "data")
+    plan_run(str(tmp_path / "run"), "run-test", config)
+    plan_run(str(tmp_path / "run"), "run-test", {**config, "protocol": "gradcampp"})  # fine
+    other = {**config, "method_options": {"shapcam": {"permutations": 64}}}
+    with pytest.raises(ShapCAMError, match=r"other options \(method_options=.*--run-id"):
+        plan_run(str(tmp_path / "run"), "run-test", other)
+
+
+def test_presets_fill_options_and_set_overrides_them():
+    from shapcam.models import ShapCAMError
+    from shapcam.presets import PRESETS, resolve_preset
+
+    options, step = resolve_preset("quick", ["rise", "gradcam", "scorecam"],
+                                   {"rise": {"n_masks": 64}, "gradcam": {}})
+    assert options == {"rise": {"n_masks": 64}, "scorecam": {"max_channels": 128}}
+    assert step == PRESETS["quick"].causal_step == 1792
+    assert resolve_preset("paper", ["rise"], {}) == ({}, 224)
+    with pytest.raises(ShapCAMError, match="unknown preset 'fast'.*paper, quick"):
+        resolve_preset("fast", ["rise"], {})

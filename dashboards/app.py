@@ -1,0 +1,233 @@
+"""The Shap-CAM runs dashboard (Streamlit): ``shapcam dashboard --runs DIR``.
+
+Run list -> a run's paper table -> images filtered and sorted -> every method's overlay of one
+image side by side, boxes drawn, metrics beside each map; per-class chart; SQL over the tables.
+All reads go through :mod:`dashboards.data` (and so through :mod:`storage`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+from matplotlib import colormaps
+from PIL import Image, ImageDraw
+
+from dashboards import data
+from storage import Run, StorageError
+
+PAGE = 25  # image rows per page of the image table
+
+
+def _args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="shapcam dashboard")
+    parser.add_argument("--runs", default="runs")
+    return parser.parse_args(sys.argv[1:])
+
+
+@st.cache_data(ttl=20, show_spinner=False)
+def _runs(runs_dir: str) -> list[data.RunInfo]:
+    return data.list_runs(runs_dir)
+
+
+@st.cache_data(show_spinner="reading the image table")
+def _image_table(path: str, dataset: str, model: str, protocol: str, _stamp: str
+                 ) -> pd.DataFrame:
+    return data.image_table(Run(path), dataset, model, protocol)
+
+
+@st.cache_data(show_spinner="comparing maps chunk by chunk")
+def _disagreement(path: str, dataset: str, model: str, a: str, b: str,
+                  ids: tuple[str, ...]) -> pd.Series:
+    return data.map_disagreement(Run(path), dataset, model, a, b, list(ids))
+
+
+def overlay(view: data.ImageView, method: str) -> Image.Image:
+    """Photo (or grey) blended with the jet-coloured map, ground-truth boxes in green."""
+    heat = colormaps["jet"](np.nan_to_num(view.maps[method]))[..., :3]
+    base = (view.photo.astype(np.float32) / 255 if view.photo is not None
+            else np.full(heat.shape, 0.5, dtype=np.float32))
+    img = Image.fromarray((255 * (0.5 * base + 0.5 * heat)).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for x0, y0, x1, y1 in view.boxes.tolist():
+        draw.rectangle((x0, y0, x1, y1), outline=(0, 255, 0), width=2)
+    return img
+
+
+def stderr_image(stderr: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    scaled = stderr / max(float(np.nanmax(stderr)), 1e-12)
+    rgb = (255 * colormaps["magma"](np.nan_to_num(scaled))[..., :3]).astype(np.uint8)
+    return Image.fromarray(rgb).resize(size, Image.NEAREST)
+
+
+def run_list(runs_dir: str) -> data.RunInfo | None:
+    try:
+        runs = _runs(runs_dir)
+    except StorageError as exc:
+        st.error(str(exc))
+        return None
+    if not runs:
+        st.info(f"No runs in `{runs_dir}` yet. Make one with "
+                f"`shapcam run --preset quick --store {runs_dir}`, then reload.")
+        return None
+    st.subheader("Runs")
+    st.dataframe(data.runs_frame(runs), hide_index=True, use_container_width=True)
+    labels = [f"{r.run_id} ({r.status})" for r in runs]
+    choice = st.sidebar.selectbox("Run", labels, key="run")
+    return runs[labels.index(choice)]
+
+
+def summary(run: Run, dataset: str, model: str, protocol: str, info: data.RunInfo) -> None:
+    st.subheader("Summary (the paper's table)")
+    try:
+        table = data.paper_table(run, dataset, model, protocol)
+    except StorageError as exc:
+        st.warning(str(exc))
+        return
+    st.table(table.style.format("{:.3f}", na_rep="n/a"))  # small: static HTML
+    st.caption(f"protocol `{protocol}`, preset `{info.preset or 'paper'}`, "
+               f"{info.images} images")
+
+
+def images(run: Run, dataset: str, model: str, protocol: str, table: pd.DataFrame,
+           methods: list[str]) -> None:
+    st.subheader("Images")
+    c1, c2, c3, c4 = st.columns(4)
+    classes = sorted(table["label_name"].unique().tolist())
+    cls = c1.selectbox("Class", ["(all)", *classes], key="class")
+    metric = c2.selectbox("Metric", list(data.METRICS), key="metric",
+                          format_func=lambda k: data.METRICS[k])
+    method = c3.selectbox("Method", methods, key="method",
+                          format_func=lambda m: data.METHOD_TITLES.get(m, m))
+    col = f"{metric}:{method}"
+    values = table[col].dropna() if col in table else pd.Series(dtype=float)
+    low = high = None
+    if len(values) and values.min() < values.max():
+        low, high = c4.slider("Range", float(values.min()), float(values.max()),
+                              (float(values.min()), float(values.max())), key="range")
+    d1, d2, d3 = st.columns([1, 1, 2])
+    a = d1.selectbox("Disagreement of", methods, key="dis_a",
+                     format_func=lambda m: data.METHOD_TITLES.get(m, m))
+    b = d2.selectbox("and", methods, index=min(1, len(methods) - 1), key="dis_b",
+                     format_func=lambda m: data.METHOD_TITLES.get(m, m))
+    by_disagreement = d3.checkbox("sort by map disagreement (1 - Pearson r)", key="dis_on")
+    label = None if cls == "(all)" else int(table.loc[table["label_name"] == cls,
+                                                      "label"].iloc[0])
+    has = col in table  # no metrics yet (a run in progress): no metric filter
+    shown = data.filter_images(table, label=label, metric=metric if has else None,
+                               method=method, low=low, high=high,
+                               sort_by=col if has else None, descending=metric != "avg_drop")
+    shown = shown[shown["complete"]]
+    if by_disagreement and a != b and len(shown):
+        dis = _disagreement(run.root, dataset, model, a, b, tuple(shown["image_id"]))
+        shown = shown.assign(disagreement=shown["image_id"].map(dis)).sort_values(
+            "disagreement", ascending=False)
+    if shown.empty:
+        st.info("No image matches these filters (or no shard is complete yet).")
+        return
+    pages = (len(shown) - 1) // PAGE + 1
+    page = st.number_input(f"Page (of {pages}, {len(shown)} images)", 1, pages, 1,
+                           key="page")
+    rows = shown.iloc[(page - 1) * PAGE: page * PAGE]
+    cols = ["image_id", "label_name", "prediction", "probability",
+            *[c for c in ("disagreement", col) if c in rows], "error"]
+    st.dataframe(rows[cols], hide_index=True, use_container_width=True)
+    image_id = st.selectbox("Image", rows["image_id"].tolist(), key="image")
+    show_stderr = st.checkbox("Show Shap-CAM's standard-error map", key="stderr")
+    image_panel(run, dataset, model, image_id, table, show_stderr)
+
+
+def image_panel(run: Run, dataset: str, model: str, image_id: str, table: pd.DataFrame,
+                show_stderr: bool) -> None:
+    try:
+        view = data.image_view(run, dataset, model, image_id, table)
+    except StorageError as exc:
+        st.error(str(exc))
+        return
+    st.markdown(f"**{view.image_id}**: label *{view.label}*, predicted *{view.prediction}* "
+                f"(p = {view.probability:.3f}); boxes in green")
+    if view.photo_problem:
+        st.warning(f"photo not shown: {view.photo_problem}")
+    columns = st.columns(len(view.maps) + (1 if show_stderr and view.stderr is not None
+                                           else 0))
+    for column, (method, _) in zip(columns, view.maps.items(), strict=False):
+        title = data.METHOD_TITLES.get(method, method)
+        column.image(overlay(view, method), caption=title, use_container_width=True)
+        m = view.metrics[method]
+        column.markdown(f"<div class='metrics' data-method='{method}'>"
+                        f"drop {m['avg_drop']:.2f}<br>incr {m['increase']:.0f}<br>"
+                        f"prop {m['proportion']:.3f}<br>del {m['deletion']:.3f}<br>"
+                        f"ins {m['insertion']:.3f}</div>", unsafe_allow_html=True)
+    if show_stderr and view.stderr is not None:
+        h, w = view.maps["shapcam"].shape
+        columns[-1].image(stderr_image(view.stderr, (w, h)), use_container_width=True,
+                          caption="Shap-CAM standard error (per position)")
+
+
+def per_class(table: pd.DataFrame, methods: list[str]) -> None:
+    st.subheader("Per class")
+    metric = st.selectbox("Metric per class", list(data.METRICS), key="class_metric",
+                          format_func=lambda k: data.METRICS[k])
+    frame = data.per_class(table, metric, methods)
+    if frame.empty:
+        st.info("No metric values yet.")
+        return
+    st.bar_chart(frame.drop(columns="images"), stack=False, horizontal=True)
+    st.dataframe(frame, use_container_width=True)
+
+
+def sql_box(run: Run) -> None:
+    st.subheader("SQL (DuckDB over metrics, manifest, summary)")
+    query = st.text_area("Query", "select method, count(*) as images, avg(avg_drop) as "
+                         "avg_drop, avg(insertion) as insertion from metrics group by method "
+                         "order by method", key="sql")
+    if st.button("Run query", key="run_sql"):
+        try:
+            result = run.sql(query)
+        except StorageError as exc:
+            st.error(str(exc))
+            return
+        st.dataframe(result, hide_index=True, use_container_width=True)
+        st.download_button("Download CSV", result.to_csv(index=False), "query.csv",
+                           "text/csv", key="csv")
+
+
+def main() -> None:
+    st.set_page_config(page_title="Shap-CAM runs", layout="wide")
+    st.title("Shap-CAM runs")
+    runs_dir = _args().runs
+    info = run_list(runs_dir)
+    if info is None:
+        return
+    if info.status == "unreadable":
+        st.error(f"{info.run_id}: {info.problem}")
+        return
+    if info.problem:
+        st.warning(f"{info.run_id}: {info.problem}")
+    run = Run(info.path)
+    tables = run.tables()
+    if not tables:
+        st.info("This run has no tables yet.")
+        return
+    dataset, model = tables[0]
+    if len(tables) > 1:
+        pair = st.sidebar.selectbox("Model", [f"{d}/{m}" for d, m in tables], key="table")
+        dataset, model = pair.split("/", 1)
+    protocols = data.protocols(run) or ["scorecam"]
+    protocol = st.sidebar.selectbox("Protocol", protocols, key="protocol")
+    methods = data.methods_of(run)
+    summary(run, dataset, model, protocol, info)
+    table = _image_table(info.path, dataset, model, protocol, info.status)
+    tabs = st.tabs(["Images", "Per class", "SQL"])
+    with tabs[0]:
+        images(run, dataset, model, protocol, table, methods)
+    with tabs[1]:
+        per_class(table, methods)
+    with tabs[2]:
+        sql_box(run)
+
+
+main()

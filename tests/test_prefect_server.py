@@ -1,0 +1,116 @@
+"""Against a real Prefect server started (and stopped) by the test: `shapcam serve` registers a
+cron deployment, a run triggered from it completes, its state and artifacts are read back
+through the Prefect client, and the Prefect UI shows it in headless Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from storage import open_run
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs" / "img"
+pytestmark = pytest.mark.real_weights
+
+
+@pytest.fixture
+def prefect_server(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    (tmp_path / "prefect").mkdir()
+    from flows.cli import local_prefect_server
+
+    with local_prefect_server() as url:
+        yield url
+
+
+async def _wait_for_deployment(name: str, timeout: float):
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    async with get_client() as client:
+        while True:
+            try:
+                return await client.read_deployment_by_name(name)
+            except Exception:  # noqa: BLE001 - not registered yet
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(1)
+
+
+async def _read_back(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    async with get_client() as client:
+        parent = await client.read_flow_run(flow_run_id)
+        children = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+        artifacts = await client.read_artifacts()
+        tasks = await client.read_task_runs()
+    return parent, children, artifacts, tasks
+
+
+def test_serve_schedules_a_deployment_whose_run_completes(prefect_server, tmp_path, browser):
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api = f"{prefect_server}/api"
+    env = {**os.environ, "PREFECT_API_URL": api, "PYTHONPATH": str(REPO)}
+    serve = subprocess.Popen(
+        [sys.executable, "-c", "from flows.cli import app; app()", "serve", "--name", "ci",
+         "--cron", "30 3 * * 1", "--root", str(tmp_path / "data"), "--store",
+         str(tmp_path / "runs"), "--methods", "gradcam,shapcam", "--set",
+         "shapcam.permutations=16", "--no-causal", "--shard-size", "3", "--workers", "2"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    try:
+        with temporary_settings({PREFECT_API_URL: api}):
+            dep = asyncio.run(_wait_for_deployment("scheduled-explain/ci", 120))
+            assert [s.schedule.cron for s in dep.schedules] == ["30 3 * * 1"]
+            assert dep.parameters["methods"] == "gradcam,shapcam"
+            assert dep.parameters["store"] == str(tmp_path / "runs")
+            run = run_deployment("scheduled-explain/ci", timeout=400, poll_interval=2)
+            assert run.state.is_completed(), (run.state, serve.poll())
+            parent, children, artifacts, tasks = asyncio.run(_read_back(run.id))
+        assert parent.state.is_completed()
+        assert [c.name for c in children] == [f"explain sample ({c.parameters['run_id']})"
+                                              for c in children]
+        assert len(children) == 1 and children[0].state.is_completed()
+        names = sorted(t.name for t in tasks)
+        assert names == ["evaluate mobilenet_v2 shard 1/2", "evaluate mobilenet_v2 shard 2/2",
+                         "explain mobilenet_v2 shard 1/2", "explain mobilenet_v2 shard 2/2"]
+        assert all(t.state.is_completed() for t in tasks)
+        kinds = {a.type for a in artifacts}
+        assert {"progress", "table", "markdown"} <= kinds
+        table = next(a for a in artifacts if a.type == "table")
+        assert "Grad-CAM" in str(table.data) and "Shap-CAM" in str(table.data)
+        progress = next(a for a in artifacts if a.type == "progress")
+        assert progress.data == 100.0
+        run_dir = tmp_path / "runs" / children[0].parameters["run_id"]
+        assert len(open_run(run_dir).metrics()) == 12
+        # The Prefect UI (served by the same server) shows the completed flow run.
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        browser.get(f"{prefect_server}/runs/flow-run/{children[0].id}")
+        WebDriverWait(browser, 90).until(
+            lambda d: children[0].name in d.find_element(By.TAG_NAME, "body").text
+            and "Completed" in d.find_element(By.TAG_NAME, "body").text)
+        time.sleep(2)  # let the charts finish drawing
+        DOCS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(DOCS / "prefect-ui-flow-run.png"))
+        assert (DOCS / "prefect-ui-flow-run.png").stat().st_size > 10_000
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        try:
+            serve.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
