@@ -195,12 +195,13 @@ def serve(
     except ShapCAMError as exc:
         _fail(exc)
     from prefect import serve as prefect_serve
+    from prefect.schedules import Cron
     from prefect.types.entrypoint import EntrypointType
 
     from .scheduled import scheduled_explain
 
     deployment = scheduled_explain.to_deployment(
-        name=name, cron=cron, timezone=timezone, parameters=params,
+        name=name, schedule=Cron(cron, timezone=timezone), parameters=params,
         entrypoint_type=EntrypointType.MODULE_PATH,
         description=f"shapcam run on {dataset} ({methods}), cron {cron!r} {timezone}")
     server = (contextlib.nullcontext(os.environ["PREFECT_API_URL"])

@@ -84,6 +84,7 @@ def test_serve_schedules_a_deployment_whose_run_completes(prefect_server, tmp_pa
         assert [c.name for c in children] == [f"explain sample ({c.parameters['run_id']})"
                                               for c in children]
         assert len(children) == 1 and children[0].state.is_completed()
+        tasks = [t for t in tasks if t.name != "explain-dataset-0"]  # the subflow's own task run
         names = sorted(t.name for t in tasks)
         assert names == ["evaluate mobilenet_v2 shard 1/2", "evaluate mobilenet_v2 shard 2/2",
                          "explain mobilenet_v2 shard 1/2", "explain mobilenet_v2 shard 2/2"]
@@ -109,7 +110,7 @@ def test_serve_schedules_a_deployment_whose_run_completes(prefect_server, tmp_pa
         browser.save_screenshot(str(DOCS / "prefect-ui-flow-run.png"))
         assert (DOCS / "prefect-ui-flow-run.png").stat().st_size > 10_000
     finally:
-        os.killpg(serve.pid, signal.SIGTERM)
+        os.killpg(serve.pid, signal.SIGINT)  # Ctrl-C: the runner stops gracefully
         try:
             serve.wait(timeout=30)
         except subprocess.TimeoutExpired:
