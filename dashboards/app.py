@@ -20,6 +20,7 @@ from dashboards import data
 from storage import Run, StorageError
 
 PAGE = 25  # image rows per page of the image table
+MAX_DISAGREEMENT = 1000  # images ranked by map disagreement at most (2 maps read per image)
 
 
 def _args() -> argparse.Namespace:
@@ -122,6 +123,10 @@ def images(run: Run, dataset: str, model: str, protocol: str, table: pd.DataFram
                                sort_by=col if has else None, descending=metric != "avg_drop")
     shown = shown[shown["complete"]]
     if by_disagreement and a != b and len(shown):
+        if len(shown) > MAX_DISAGREEMENT:  # it reads both maps of every image it ranks
+            st.caption(f"ranking the first {MAX_DISAGREEMENT} of {len(shown)} images by "
+                       "disagreement; narrow the filters to rank them all")
+            shown = shown.iloc[:MAX_DISAGREEMENT]
         dis = _disagreement(run.root, dataset, model, a, b, tuple(shown["image_id"]))
         shown = shown.assign(disagreement=shown["image_id"].map(dis)).sort_values(
             "disagreement", ascending=False)
