@@ -155,7 +155,11 @@ def run(
     for model, table in result["tables"].items():
         typer.echo("\n" + format_table(table, f"{dataset} / {model} ({result['images']} images), "
                                               f"protocol `{protocol}`, preset `{preset}`"))
-    typer.echo(f"\nreport: {result['report']}\nquery:  shapcam query {run_dir} "
+    n, secs = result["images"], result["task_seconds"]
+    typer.echo(f"\ntasks: {secs:.1f} s for {n} images x {len(config['models'])} model(s) "
+               f"({n * len(config['models']) / secs:.2f} images/s; {result['skipped']} of "
+               f"{2 * result['shards']} tasks skipped as already done)")
+    typer.echo(f"report: {result['report']}\nquery:  shapcam query {run_dir} "
                "\"select method, avg(avg_drop) from metrics group by method\"")
 
 

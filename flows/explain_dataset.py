@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -75,6 +76,7 @@ def explain_dataset(run_dir: str, run_id: str, config: dict[str, Any]) -> dict[s
                 n_shards, len(config["models"]), run_dir)
     progress = create_progress_artifact(0.0, key=f"progress-{_key(run_id)}",
                                         description=f"tasks done of {2 * total}")
+    tasks_started = time.perf_counter()
     futures = []
     with _gpu_annotation(config.get("device", "cpu")):
         for model in config["models"]:
@@ -92,6 +94,7 @@ def explain_dataset(run_dir: str, run_id: str, config: dict[str, Any]) -> dict[s
             bar.set_postfix_str(f"{summary['model']} shard {summary['shard'] + 1}")
             bar.update()
             update_progress_artifact(progress, 100.0 * done / len(futures))
+    task_seconds = time.perf_counter() - tasks_started
     tables = aggregate(run_dir, config)
     write_run_manifest(run_dir, run_id, config, plan, started)
     for model, table in tables.items():
@@ -108,7 +111,8 @@ def explain_dataset(run_dir: str, run_id: str, config: dict[str, Any]) -> dict[s
                              description="Shap-CAM run summary")
     print(markdown)
     return {"run_dir": run_dir, "report": str(report), "tables": tables,
-            "images": plan["n_images"], "shards": total}
+            "images": plan["n_images"], "shards": total, "task_seconds": task_seconds,
+            "skipped": sum(bool(f.result().get("skipped")) for f in futures)}
 
 
 def write_run_manifest(run_dir: str, run_id: str, config: dict[str, Any],

@@ -53,8 +53,14 @@ def run_dir_for(store: str, run_id: str) -> str:
 def task_runner(dask_address: str | None, workers: int, threads: int):
     """prefect-dask's runner: an existing scheduler, or a local cluster of worker processes
     with ``threads`` torch threads each (one task at a time per worker)."""
+    import dask
     from prefect_dask import DaskTaskRunner
 
+    # A spilling worker keeps a `storage/` folder in its local directory, which Dask puts on
+    # sys.path: with an editable install it would shadow this project's `storage` package as a
+    # namespace package. Tasks return small summaries, so there is nothing worth spilling.
+    dask.config.set({"distributed.worker.memory.spill": False,
+                     "distributed.worker.memory.target": False})
     if dask_address:
         return DaskTaskRunner(address=dask_address)
     return DaskTaskRunner(cluster_kwargs={
