@@ -290,6 +290,130 @@ def report(
     typer.echo(f"\nreport: {path}")
 
 
+def _training_dir(store: str, run_id: str | None) -> tuple[str, str]:
+    if "://" in store:
+        _fail(ShapCAMError("training runs write torch checkpoints: --store must be a local "
+                           "folder"))
+    run_id = run_id or new_run_id()
+    return str((Path(store) / run_id).resolve()), run_id
+
+
+@app.command()
+def distill(
+    dataset: Annotated[str, typer.Option(
+        help="cifar10 (needs --root) or digits (sklearn's 8x8 digits at 32x32, offline).")
+    ] = "cifar10",
+    root: Annotated[Path | None, typer.Option(
+        help="Folder holding cifar-10-batches-py (as torchvision's CIFAR10 reads it).")] = None,
+    variants: Annotated[str, typer.Option(
+        help="Table 4 cells: all, or some of ce, ce+kd, gradcam, gradcam+kd, gradcampp, "
+             "gradcampp+kd, scorecam, scorecam+kd, shapcam, shapcam+kd.")] = "all",
+    epochs: Annotated[int, typer.Option(
+        help="Student epochs; the lr milestones 60/120/160 of 200 scale with it.")] = 200,
+    teacher_epochs: Annotated[int | None, typer.Option(
+        help="Teacher epochs (default: --epochs).")] = None,
+    teacher_checkpoint: Annotated[Path | None, typer.Option(
+        help="Use this trained WRN-40-2 state dict instead of training the teacher.")] = None,
+    lr: Annotated[float, typer.Option(help="SGD learning rate (WRN recipe: 0.1).")] = 0.1,
+    batch_size: Annotated[int, typer.Option(help="Batch size (WRN recipe: 128).")] = 128,
+    alpha: Annotated[float, typer.Option(
+        help="Weight of L_interpret (not given in the paper; our default 1).")] = 1.0,
+    temperature: Annotated[float, typer.Option(help="KD temperature (paper: 4).")] = 4.0,
+    orders: Annotated[int, typer.Option(
+        help="Shap-CAM orders per step for the student's map.")] = 16,
+    scorecam_channels: Annotated[int, typer.Option(
+        help="Channels scored per image and step for the student's Score-CAM weights.")] = 8,
+    teacher_scorecam_channels: Annotated[int | None, typer.Option(
+        help="Cap on the teacher's Score-CAM channels (default: all 128).")] = None,
+    limit: Annotated[int | None, typer.Option(
+        help="Use the first N training images (and N/5 test images).")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    store: Annotated[str, typer.Option(help="Folder holding the runs.")] = "runs",
+    run_id: Annotated[str | None, typer.Option(
+        help="Run id; re-running with the same id resumes every configuration.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    workers: Annotated[int, typer.Option(help="Local Dask worker processes.")
+                       ] = DEFAULT_WORKERS,
+    threads: Annotated[int, typer.Option(help="Torch threads per worker.")] = 1,
+    dask_address: Annotated[str | None, typer.Option(
+        help="Use an existing Dask scheduler, e.g. tcp://host:8786.")] = None,
+) -> None:
+    """Paper Table 4: train a WRN-40-2 teacher and WRN-16-2 students with explanation losses."""
+    from shapcam.distill.experiment import parse_variants
+
+    try:
+        parse_variants(variants)
+        if dataset == "cifar10":
+            from shapcam.distill.data import cifar_folder
+
+            if root is None:
+                raise ShapCAMError("--root is required for cifar10 (the folder holding "
+                                   "cifar-10-batches-py); or use --dataset digits offline")
+            cifar_folder(root)
+        elif dataset != "digits":
+            raise ShapCAMError(f"unknown dataset {dataset!r}; use cifar10 or digits")
+        if teacher_checkpoint is not None and not teacher_checkpoint.is_file():
+            raise ShapCAMError(f"teacher checkpoint {teacher_checkpoint} does not exist")
+    except (ShapCAMError, ValueError) as exc:
+        _fail(exc)
+    run_dir, run_id = _training_dir(store, run_id)
+    spec = {"dataset": dataset, "root": str(root.resolve()) if root else None, "limit": limit,
+            "seed": seed, "teacher": "wrn-40-2", "student": "wrn-16-2",
+            "teacher_checkpoint": str(teacher_checkpoint.resolve()) if teacher_checkpoint
+            else None, "epochs": epochs, "teacher_epochs": teacher_epochs or epochs,
+            "schedule": {"lr": lr, "batch_size": batch_size, "seed": seed},
+            "loss": {"alpha": alpha, "temperature": temperature, "orders": orders,
+                     "scorecam_channels": scorecam_channels},
+            "teacher_map_options": {"scorecam": {"max_channels": teacher_scorecam_channels}},
+            "variants": variants, "device": device, "threads": threads}
+    from .training import distill as distill_flow
+
+    typer.echo(f"run {run_id}, folder {run_dir}")
+    result = _run_flow(distill_flow, task_runner(dask_address, workers, threads),
+                       run_dir=run_dir, run_id=run_id, spec=spec)
+    typer.echo("\n" + result["markdown"] + f"\n\nreport: {result['report']}")
+
+
+@app.command("finetune-voc")
+def finetune_voc(
+    root: Annotated[Path, typer.Option(help="VOCdevkit (or VOC2007) folder.")],
+    model: Annotated[str, typer.Option(help="torchvision classifier to fine-tune.")] = "vgg16",
+    weights: Annotated[str, typer.Option(help="Its ImageNet weights (enum name).")
+                       ] = "DEFAULT",
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 20,
+    lr: Annotated[float, typer.Option(help="SGD learning rate.")] = 0.01,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
+    train_split: Annotated[str, typer.Option(help="VOC split to train on.")] = "trainval",
+    test_split: Annotated[str, typer.Option(help="VOC split for mAP.")] = "test",
+    limit: Annotated[int | None, typer.Option(help="First N images of each split.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    store: Annotated[str, typer.Option(help="Folder holding the runs.")] = "runs",
+    run_id: Annotated[str | None, typer.Option(help="Run id; the same id resumes.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    threads: Annotated[int, typer.Option(help="Torch threads.")] = 1,
+    dask_address: Annotated[str | None, typer.Option(help="An existing Dask scheduler.")
+                            ] = None,
+) -> None:
+    """Fine-tune an ImageNet model on VOC2007 (20 classes, multi-label BCE); report mAP."""
+    run_dir, run_id = _training_dir(store, run_id)
+    spec = {"root": str(root.resolve()), "model": model, "weights": weights, "epochs": epochs,
+            "schedule": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
+                         "milestones": [max(1, int(epochs * 0.6)), max(1, int(epochs * 0.8))],
+                         "gamma": 0.1, "weight_decay": 5e-4, "momentum": 0.9},
+            "train_split": train_split, "test_split": test_split, "limit": limit,
+            "seed": seed, "device": device, "threads": threads}
+    from .training import finetune_voc as finetune_flow
+
+    typer.echo(f"run {run_id}, folder {run_dir}")
+    try:
+        result = _run_flow(finetune_flow, task_runner(dask_address, 1, threads),
+                           run_dir=run_dir, run_id=run_id, spec=spec)
+    except (ShapCAMError, ValueError) as exc:
+        _fail(exc)
+    typer.echo("\n" + result["markdown"] + f"\nexplain with: shapcam run --dataset voc --root "
+               f"{root} --models {model}:{result['weights']}")
+
+
 @app.command()
 def dashboard(
     runs: Annotated[Path, typer.Option(help="Folder holding the runs (the --store of `run`).")

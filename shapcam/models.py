@@ -93,6 +93,17 @@ def _weights_enum(name: str, spec: str) -> torchvision.models.WeightsEnum:
         ) from None
 
 
+def _checkpoint_meta(path: Path) -> dict:
+    """``num_classes`` and ``categories`` saved next to the state dict, if any."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - reported with its reason by _load_state_dict_file
+        return {}
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        return {k: state[k] for k in ("num_classes", "categories") if k in state}
+    return {}
+
+
 def _load_state_dict_file(model: nn.Module, name: str, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -159,6 +170,10 @@ def load_model(
         path = Path(spec)
         if not path.is_file():
             raise ShapCAMError(f"weights file {path} does not exist")
+        meta = _checkpoint_meta(path)
+        if num_classes is None and meta.get("num_classes"):
+            kwargs = {"num_classes": int(meta["num_classes"])}  # e.g. `shapcam finetune-voc`
+        categories = categories or meta.get("categories")
         model = torchvision.models.get_model(name, weights=None, **kwargs)
         _load_state_dict_file(model, name, path)
     else:

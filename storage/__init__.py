@@ -6,8 +6,14 @@ Imports numpy, zarr, pyarrow (pandas, duckdb, xarray for queries); never torch o
 from .errors import IncompleteShardError, SchemaVersionError, StorageError
 from .query import Run, open_run
 from .saliency import SCHEMA_VERSION, SaliencyStore, TableSpec
-from .tables import write_image_index, write_manifest, write_metrics_shard, write_summary
+from .tables import (
+    write_image_index,
+    write_manifest,
+    write_metrics_shard,
+    write_summary,
+    write_training_epoch,
+)
 
 __all__ = ["SCHEMA_VERSION", "IncompleteShardError", "Run", "SaliencyStore", "SchemaVersionError",
            "StorageError", "TableSpec", "open_run", "write_image_index", "write_manifest",
-           "write_metrics_shard", "write_summary"]
+           "write_metrics_shard", "write_summary", "write_training_epoch"]

@@ -146,6 +146,16 @@ class Run:
                                                  else None)
         return table.to_pandas()
 
+    def training(self) -> pd.DataFrame:
+        """Per-epoch rows of a training run (``config`` column = configuration name)."""
+        if not self.location.isdir("training"):
+            raise StorageError(f"{self.root} has no training/ tables")
+        part = pads.partitioning(pa_schema_config(), flavor="hive")
+        fs = None if self.location.local else self.location.fs
+        ds = pads.dataset(self.location.path("training"), format="parquet", partitioning=part,
+                          filesystem=fs, exclude_invalid_files=True)
+        return ds.to_table().to_pandas().sort_values(["config", "epoch"]).reset_index(drop=True)
+
     def sql(self, query: str) -> pd.DataFrame:
         """Run SQL with DuckDB over the views ``metrics``, ``manifest`` and ``summary``."""
         import duckdb
@@ -189,6 +199,12 @@ def _partition_schema():
     import pyarrow as pa
 
     return pa.schema([(p, pa.string()) for p in PARTITIONS])
+
+
+def pa_schema_config():
+    import pyarrow as pa
+
+    return pa.schema([("config", pa.string())])
 
 
 def _full_schema():

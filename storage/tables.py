@@ -4,6 +4,7 @@
     <run>/manifest.parquet
     <run>/summary-<protocol>.parquet
     <run>/images-<dataset>.parquet      (where each image is, its classes and boxes)
+    <run>/training/config=<name>/epoch-00003.parquet   (training flows: one row per epoch)
 
 One explicit pyarrow schema per table (a column written as int by one shard and float by
 another would break readers). Every file is written to a temporary name and renamed, so a
@@ -81,6 +82,21 @@ IMAGES_SCHEMA = pa.schema([
     ("error", pa.string()),
 ])
 
+TRAINING_SCHEMA = pa.schema([
+    ("run_id", pa.string()),
+    ("epoch", pa.int32()),
+    ("lr", pa.float64()),
+    ("train_loss", pa.float64()),
+    ("train_ce", pa.float64()),
+    ("train_interpret", pa.float64()),
+    ("train_kd", pa.float64()),
+    ("train_bce", pa.float64()),
+    ("test_error", pa.float64()),  # %, classification
+    ("test_loss", pa.float64()),
+    ("test_map", pa.float64()),  # mean average precision, multi-label
+    ("seconds", pa.float64()),
+])
+
 
 def _atomic_write(table: pa.Table, root: str | os.PathLike[str], *parts: str) -> str:
     """Write ``table`` under the run ``root`` (local path or fsspec URL), all or nothing."""
@@ -143,3 +159,12 @@ def write_image_index(root: str | os.PathLike[str], dataset: str,
     a map over its photo without the dataset reader (``images-<dataset>.parquet``)."""
     return _atomic_write(_table(rows, IMAGES_SCHEMA, "image index"), root,
                          f"images-{dataset}.parquet")
+
+
+def write_training_epoch(root: str | os.PathLike[str], config: str, row: Mapping[str, Any]
+                         ) -> str:
+    """One epoch of one training configuration (``training/config=<name>/epoch-XXXXX``);
+    rewriting an epoch (a resumed run) replaces it."""
+    row = {k: v for k, v in row.items() if k in TRAINING_SCHEMA.names}
+    return _atomic_write(_table([row], TRAINING_SCHEMA, "training"), root, "training",
+                         f"config={config}", f"epoch-{int(row['epoch']):05d}.parquet")
