@@ -132,7 +132,11 @@ def train_student(student: WideResNet, teacher: WideResNet, data: ImageSet, vari
         if variant.method:
             orders = None
             if variant.method == "shapcam":
-                n_pos = n_pos or int(np.prod(student.features(x[:1]).shape[-2:]))
+                if n_pos is None:  # in eval mode: a train-mode pass would move BN statistics
+                    student.eval()
+                    with torch.no_grad():
+                        n_pos = int(np.prod(student.features(x[:1]).shape[-2:]))
+                    student.train()
                 g = torch.Generator().manual_seed(
                     (schedule.seed * 1_000_003 + epoch) * 100_003 + step)
                 orders = torch.rand(settings.orders, n_pos, generator=g).argsort(1)

@@ -107,8 +107,8 @@ def fit(model: nn.Module, schedule: Schedule, checkpoint: Checkpoint, *,
         lr = opt.param_groups[0]["lr"]
         for step, batch in enumerate(batches(epoch)):
             value, parts = loss(batch, epoch, step)
-            if not math.isfinite(float(value)):
-                raise FloatingPointError(f"loss is {float(value)} at epoch {epoch} step {step}: "
+            if not math.isfinite(value.item()):
+                raise FloatingPointError(f"loss is {value.item()} at epoch {epoch} step {step}: "
                                          "lower the learning rate or alpha")
             opt.zero_grad(set_to_none=True)
             value.backward()
