@@ -18,7 +18,7 @@ from .methods.shapcam import DEFAULT_PERMUTATIONS
 from .models import LoadedModel, ShapCAMError, load_model
 from .presets import resolve_preset
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Shap-CAM saliency maps and their baselines.")
 
 
@@ -178,7 +178,7 @@ def explain(
         "--set", help="Method option KEY=VALUE, repeatable (e.g. --set n_masks=500 for rise, "
         "--set iterations=100 for mask, --set batch_size=32 for scorecam).")] = None,
 ) -> None:
-    """Explain images: writes <stem>.<method>.png (overlay) and <stem>.<method>.npz."""
+    """Explain images: writes `STEM.METHOD.png` (overlay) and `STEM.METHOD.npz`."""
     try:
         lm = load_model(model, weights, target_layer=layer, device=device)
         options: dict[str, Any] = {}
