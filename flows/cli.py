@@ -158,7 +158,7 @@ def run(
     n, secs = result["images"], result["task_seconds"]
     typer.echo(f"\ntasks: {secs:.1f} s for {n} images x {len(config['models'])} model(s) "
                f"({n * len(config['models']) / secs:.2f} images/s; {result['skipped']} of "
-               f"{2 * result['shards']} tasks skipped as already done)")
+               f"{result['shards']} shards were already done)")
     typer.echo(f"report: {result['report']}\nquery:  shapcam query {run_dir} "
                "\"select method, avg(avg_drop) from metrics group by method\"")
 

@@ -75,7 +75,7 @@ def explain_dataset(run_dir: str, run_id: str, config: dict[str, Any]) -> dict[s
     logger.info("run %s: %d images in %d shards x %d models -> %s", run_id, plan["n_images"],
                 n_shards, len(config["models"]), run_dir)
     progress = create_progress_artifact(0.0, key=f"progress-{_key(run_id)}",
-                                        description=f"tasks done of {2 * total}")
+                                        description=f"shards done of {total}")
     tasks_started = time.perf_counter()
     futures = []
     with _gpu_annotation(config.get("device", "cpu")):
@@ -87,8 +87,9 @@ def explain_dataset(run_dir: str, run_id: str, config: dict[str, Any]) -> dict[s
                 futures.append(evaluate_task.with_options(
                     task_run_name=f"evaluate {label}").submit(run_dir, config, model, k,
                                                                records, wait_for=[e]))
-    # The progress artifact for the UI, a bar for the terminal; a task's exception stops here.
-    with tqdm(total=len(futures), desc=f"run {run_id}", unit="task") as bar:
+    # One future per shard (its evaluation, which waits for its explanation): the progress
+    # artifact for the UI, a bar for the terminal; a task's exception stops here.
+    with tqdm(total=len(futures), desc=f"run {run_id}", unit="shard") as bar:
         for done, fut in enumerate(as_completed(futures), start=1):
             summary = fut.result()
             bar.set_postfix_str(f"{summary['model']} shard {summary['shard'] + 1}")
