@@ -365,7 +365,9 @@ def distill(
             "loss": {"alpha": alpha, "temperature": temperature, "orders": orders,
                      "scorecam_channels": scorecam_channels},
             "teacher_map_options": {"scorecam": {"max_channels": teacher_scorecam_channels}},
-            "variants": variants, "device": device, "threads": threads}
+            "variants": variants, "device": device, "threads": threads,
+            # the teacher trains alone: on a local cluster it gets every worker's threads
+            "teacher_threads": threads if dask_address else threads * workers}
     from .training import distill as distill_flow
 
     typer.echo(f"run {run_id}, folder {run_dir}")

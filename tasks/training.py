@@ -40,8 +40,8 @@ from storage import open_run, write_training_epoch
 TEACHER = "teacher"
 
 
-def _prepare(spec: dict[str, Any]) -> None:
-    torch.set_num_threads(int(spec.get("threads") or torch.get_num_threads()))
+def _prepare(spec: dict[str, Any], threads: int | None = None) -> None:
+    torch.set_num_threads(int(threads or spec.get("threads") or torch.get_num_threads()))
     if str(spec.get("device", "cpu")).startswith("cpu"):
         tune_allocator()
 
@@ -70,8 +70,9 @@ def _teacher(run_dir: str, spec: dict[str, Any]) -> nn.Module:
 
 
 def teacher_task(run_dir: str, run_id: str, spec: dict[str, Any]) -> dict[str, Any]:
-    """Train the teacher (CE, the same recipe) or check the given checkpoint; its test error."""
-    _prepare(spec)
+    """Train the teacher (CE, the same recipe) or check the given checkpoint; its test error.
+    Every other task waits for it, so it may use the whole machine (``teacher_threads``)."""
+    _prepare(spec, spec.get("teacher_threads"))
     data, device = _data(spec), spec.get("device", "cpu")
     if spec.get("teacher_checkpoint"):
         model = _teacher(run_dir, spec).to(device)
