@@ -62,13 +62,21 @@ def distill(run_dir: str, run_id: str, spec: dict[str, Any]) -> dict[str, Any]:
             run_dir, run_id, spec, v.name, wait_for=[maps[v.method] if v.method else teacher])
             for v in variants]
     futures = [teacher, *maps.values(), *students]
+    names = {id(f): n for f, n in zip(students, [v.name for v in variants], strict=True)}
+    failed: dict[str, str] = {}
     with tqdm(total=total, desc=f"distill {run_id}", unit="task") as bar:
         for done, fut in enumerate(as_completed(futures), start=1):
-            summary = fut.result()
+            try:
+                summary = fut.result()
+            except Exception as exc:  # a diverged student: record it, finish the others
+                if id(fut) not in names:
+                    raise  # the teacher or its maps: nothing can go on without them
+                failed[names[id(fut)]] = f"{type(exc).__name__}: {exc}"
+                summary = {"config": names[id(fut)]}
             bar.set_postfix_str(str(summary.get("config") or summary.get("method")))
             bar.update()
             update_progress_artifact(progress, 100.0 * done / total)
-    table = distill_table(run_dir)
+    table = distill_table(run_dir, failed)
     title = (f"{spec['dataset']}: {spec.get('student', 'wrn-16-2')} from "
              f"{spec.get('teacher', 'wrn-40-2')}, final-epoch test error %")
     markdown = table_markdown(table, title)
@@ -79,7 +87,8 @@ def distill(run_dir: str, run_id: str, spec: dict[str, Any]) -> dict[str, Any]:
                              markdown=markdown + f"\n\nReport: `{report}`",
                              description="Table 4 (knowledge distillation)")
     print(markdown)
-    return {"run_dir": run_dir, "table": table, "markdown": markdown, "report": str(report)}
+    return {"run_dir": run_dir, "table": table, "markdown": markdown, "report": str(report),
+            "failed": failed}
 
 
 @flow(name="finetune-voc", flow_run_name="finetune {spec[model]} on VOC ({run_id})",

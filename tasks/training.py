@@ -128,26 +128,30 @@ def student_task(run_dir: str, run_id: str, spec: dict[str, Any], variant: str
     return {"config": v.name, "test_error": history[-1]["test_error"], "epochs": len(history)}
 
 
-def distill_table(run_dir: str) -> dict[str, Any]:
+def distill_table(run_dir: str, failed: dict[str, str] | None = None) -> dict[str, Any]:
     """Table 4's shape: rows = loss (CE, + each method's L_interpret), columns = without /
-    with L_KD; final-epoch test error % (None where not run), the paper's next to it."""
+    with L_KD; final-epoch test error % (None where not run), the paper's next to it.
+    ``failed``: configuration -> why it stopped (its cell reads "failed")."""
+    failed = failed or {}
     df = open_run(run_dir).training()
     last = df.sort_values("epoch").groupby("config").tail(1).set_index("config")
     rows = []
     for m in METHOD_ROWS:
         name = m or "ce"
         label = "cross-entropy only" if m is None else f"+ {METHOD_TITLES[m]} L_interpret"
-        ours = [float(last.loc[n, "test_error"]) if n in last.index else None
-                for n in (name, f"{name}+kd")]
+        ours = ["failed" if n in failed else float(last.loc[n, "test_error"])
+                if n in last.index else None for n in (name, f"{name}+kd")]
         rows.append({"loss": label, "without L_KD": ours[0], "with L_KD": ours[1],
                      "paper without": PAPER_TABLE4[m][0], "paper with": PAPER_TABLE4[m][1]})
     teacher = float(last.loc[TEACHER, "test_error"]) if TEACHER in last.index else None
-    return {"rows": rows, "teacher": teacher,
+    return {"rows": rows, "teacher": teacher, "failed": failed,
             "epochs": {c: int(r["epoch"]) + 1 for c, r in last.iterrows()}}
 
 
 def table_markdown(table: dict[str, Any], title: str) -> str:
     def fmt(v):
+        if isinstance(v, str):
+            return v
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
     lines = [f"### {title}", "", "| test error % | without L_KD | with L_KD | paper without | "
@@ -157,6 +161,8 @@ def table_markdown(table: dict[str, Any], title: str) -> str:
                      f"{fmt(r['paper without'])} | {fmt(r['paper with'])} |")
     if table["teacher"] is not None:
         lines.append(f"\nTeacher test error: {fmt(table['teacher'])} %")
+    for name, why in table.get("failed", {}).items():
+        lines.append(f"\nConfiguration {name} failed: {why}")
     return "\n".join(lines)
 
 

@@ -231,6 +231,12 @@ def test_distill_flow_end_to_end(tmp_path):
     cells = {r["loss"]: (r["without L_KD"], r["with L_KD"]) for r in table["rows"]}
     assert cells["cross-entropy only"][0] is not None and cells["cross-entropy only"][1] is None
     assert cells["+ Shap-CAM L_interpret"][1] is not None
+    # A diverged student is reported as such (the flow records it and finishes the others).
+    marked = distill_table(str(run), {"shapcam+kd": "FloatingPointError: loss is nan"})
+    assert marked["rows"][-1]["with L_KD"] == "failed"
+    from tasks.training import table_markdown
+
+    assert "shapcam+kd failed: FloatingPointError" in table_markdown(marked, "t")
     assert (run / "teacher_maps" / "shapcam.npy").is_file()
     assert (run / "report.html").stat().st_size > 10_000
     stamps = {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()}
