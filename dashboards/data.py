@@ -249,11 +249,11 @@ def image_view(run: Run, dataset: str, model: str, image_id: str,
     stderr = None
     for method in methods_of(run):
         try:
-            maps[method] = np.asarray(run.maps(dataset, model, method, ids=[image_id])
-                                      .values[0], dtype=np.float32)
+            maps[method] = np.asarray(run.maps(dataset, model, method, ids=[image_id],
+                                               images=table).values[0], dtype=np.float32)
             if method == "shapcam":
                 stderr = np.asarray(run.maps(dataset, model, method, ids=[image_id],
-                                             variable="stderr").values[0])
+                                             variable="stderr", images=table).values[0])
         except IncompleteShardError as exc:
             raise StorageError(f"{image_id}: {exc}") from exc
     H, W = next(iter(maps.values())).shape if maps else (224, 224)

@@ -208,22 +208,18 @@ def serve(
         name=name, schedule=Cron(cron, timezone=timezone), parameters=params,
         entrypoint_type=EntrypointType.MODULE_PATH,
         description=f"shapcam run on {dataset} ({methods}), cron {cron!r} {timezone}")
-    server = (contextlib.nullcontext(os.environ["PREFECT_API_URL"])
-              if os.environ.get("PREFECT_API_URL") else local_prefect_server())
-    with server as url:
-        base = url.removesuffix("/api")
+    with prefect_api() as base:
         os.environ["PREFECT_API_URL"] = f"{base}/api"  # the flow-run subprocesses inherit it
-        typer.echo(f"Prefect UI: {base}\ndeployment scheduled-explain/{name}, cron {cron!r} "
-                   f"({timezone}); trigger now with: PREFECT_API_URL={base}/api prefect "
-                   f"deployment run scheduled-explain/{name}")
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        with temporary_settings({PREFECT_API_URL: f"{base}/api"}):
-            prefect_serve(deployment, print_starting_message=False)
+        typer.echo(f"deployment scheduled-explain/{name}, cron {cron!r} ({timezone}); trigger "
+                   f"now with: PREFECT_API_URL={base}/api prefect deployment run "
+                   f"scheduled-explain/{name}")
+        prefect_serve(deployment, print_starting_message=False)
 
 
-def _run_flow(flow, runner, **params: Any) -> dict[str, Any]:
-    """Run a flow against PREFECT_API_URL, or a local server started for the occasion."""
+@contextlib.contextmanager
+def prefect_api():
+    """PREFECT_API_URL, or a local server started for the occasion: yield the UI's base URL
+    (printed) with Prefect's client settings pointing at it."""
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -233,7 +229,13 @@ def _run_flow(flow, runner, **params: Any) -> dict[str, Any]:
         base = url.removesuffix("/api")
         typer.echo(f"Prefect UI: {base}")
         with temporary_settings({PREFECT_API_URL: f"{base}/api"}):
-            return flow.with_options(task_runner=runner)(**params)
+            yield base
+
+
+def _run_flow(flow, runner, **params: Any) -> dict[str, Any]:
+    """Run a flow against PREFECT_API_URL, or a local server started for the occasion."""
+    with prefect_api():
+        return flow.with_options(task_runner=runner)(**params)
 
 
 @app.command("evaluate-store")

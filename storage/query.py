@@ -53,16 +53,18 @@ class Run:
 
     def maps(self, dataset: str, model: str, method: str, *, ids: Sequence[str] | None = None,
              labels: Sequence[int] | None = None, variable: str = "maps",
-             allow_incomplete: bool = False):
+             allow_incomplete: bool = False, images: pd.DataFrame | None = None):
         """Lazy ``xarray.DataArray`` (image, y, x) with image ids as coordinate.
 
         Selecting by ``ids`` or ``labels`` keeps the dask graph to the chunks of those images
         only. Images of incomplete shards raise :class:`IncompleteShardError` unless
-        ``allow_incomplete`` (they would read as NaN fill values).
+        ``allow_incomplete`` (they would read as NaN fill values). ``images``: this table's
+        :meth:`images` already read (several maps of one page read it once).
         """
         import xarray as xr
 
-        images = self.images(dataset, model)
+        if images is None:
+            images = self.images(dataset, model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = xr.open_zarr(self.store.zarr_path, group=f"{dataset}/{model}/{method}",
