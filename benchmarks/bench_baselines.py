@@ -20,7 +20,7 @@ import torch
 from shapcam import RISE, ScoreCAM, load_model
 from shapcam.images import load_batch
 from shapcam.metrics import confidence_metrics, deletion_insertion, energy_pointing_game
-from shapcam.samples import sample_photo
+from shapcam.photos import bundled_photo
 from shapcam.weights import install_offline_weights
 
 
@@ -54,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     install_offline_weights()
     lm = load_model("mobilenet_v2", "IMAGENET1K_V1", device=args.device)
-    x, _ = load_batch([sample_photo("coffee").path])
+    x, _ = load_batch([bundled_photo("coffee").path])
     x = x.to(args.device)
     B = args.batch
     print(f"# device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -22,7 +22,7 @@ import numpy as np
 from bench_storage import cam_like
 
 from dashboards import data
-from shapcam.samples import sample_photo
+from shapcam.photos import bundled_photo
 from storage import (
     Run,
     SaliencyStore,
@@ -46,7 +46,7 @@ def build(root: Path, n: int, shard: int) -> None:
     store.init_table(D, M, ids, labels.tolist(), TableSpec(n, shard, (224, 224),
                                                            {m: (7, 7) for m in METHODS}),
                      {"categories": [f"class {i}" for i in range(1000)]})
-    photo = str(sample_photo("chelsea").path)
+    photo = str(bundled_photo("chelsea").path)
     write_image_index(root, D, [{"image_id": i, "path": photo, "label": int(c),
                                  "labels": [int(c)], "boxes": [], "width": 500,
                                  "height": 375, "error": None}

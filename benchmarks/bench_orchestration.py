@@ -25,7 +25,7 @@ CLI = [sys.executable, "-c", "from flows.cli import app; app()"]
 
 
 def make_dataset(root: Path, n: int) -> Path:
-    from shapcam.data.sample import SAMPLE_IMAGES, build_sample_dataset
+    from shapcam.data.sample_dataset import SAMPLE_IMAGES, build_sample_dataset
 
     src = build_sample_dataset(root / "src")
     dst = root / "bench"
@@ -87,7 +87,7 @@ def main() -> None:
     c_plain = {threads: plain_compute(root, threads, args.shard_size) for threads in (2, 1)}
     os.environ.update({"PREFECT_HOME": env["PREFECT_HOME"]})
     (tmp / "prefect").mkdir()
-    from flows.cli import local_prefect_server, prefect_environment
+    from flows.runtime import local_prefect_server, prefect_environment
 
     prefect_environment(tmp / "prefect")
     t = time.perf_counter()

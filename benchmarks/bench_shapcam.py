@@ -31,7 +31,7 @@ import torch
 
 from shapcam import ShapCAM, load_model
 from shapcam.images import load_batch
-from shapcam.samples import sample_paths
+from shapcam.photos import bundled_photo_paths
 from shapcam.weights import install_offline_weights
 
 
@@ -75,7 +75,7 @@ def captum_time(head: torch.nn.Module, features: torch.Tensor, targets: torch.Te
 
 
 def speed_table(device: str, quick: bool, repeat: int) -> list[str]:
-    photos, _ = load_batch(sample_paths())
+    photos, _ = load_batch(bundled_photo_paths())
     rows = ["| head | players | K | captum best (s/img) | ours generic (s/img) | "
             "ours fast path (s/img) | captum / ours | generic / fast |",
             "|---|---|---|---|---|---|---|---|"]
@@ -135,9 +135,9 @@ def speed_table(device: str, quick: bool, repeat: int) -> list[str]:
 def quality_tables(device: str, quick: bool) -> list[str]:
     install_offline_weights()
     lm = load_model("mobilenet_v2", "IMAGENET1K_V1", device=device)
-    x, _ = load_batch(sample_paths())
+    x, _ = load_batch(bundled_photo_paths())
     x = x.to(device)
-    names = [p.stem for p in sample_paths()]
+    names = [p.stem for p in bundled_photo_paths()]
     ref = ShapCAM(lm, permutations=16384, seed=12345)(x).raw
     seeds = range(8 if quick else 20)
     rows = ["| photo | MSE plain K=64 | MSE antithetic K=64 (32 pairs) | antithetic / plain |",

@@ -18,7 +18,7 @@ import torch
 
 from shapcam import ShapCAM, load_model
 from shapcam.images import load_batch
-from shapcam.samples import sample_paths
+from shapcam.photos import bundled_photo_paths
 from shapcam.weights import hub_checkpoint_path
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu"
     print(f"torch {torch.__version__}, device {dev} ({name})", flush=True)
     weights = "IMAGENET1K_V1" if hub_checkpoint_path().is_file() else "random"
-    x, _ = load_batch(sample_paths())
+    x, _ = load_batch(bundled_photo_paths())
     cpu = ShapCAM(load_model("mobilenet_v2", weights), permutations=64)(x)
     lm = load_model("mobilenet_v2", weights, device=dev)
     for amp in (False, True):

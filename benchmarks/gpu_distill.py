@@ -18,11 +18,11 @@ from tempfile import mkdtemp
 import numpy as np
 import torch
 
-from shapcam.distill.data import ImageSet
-from shapcam.distill.experiment import Variant, train_student, train_teacher
-from shapcam.distill.maps import teacher_maps
-from shapcam.distill.train import Checkpoint, Schedule
-from shapcam.distill.wrn import wrn
+from shapcam.training.cifar import ImageSet
+from shapcam.training.distillation import Variant, train_student, train_teacher
+from shapcam.training.maps import teacher_maps
+from shapcam.training.train import Checkpoint, Schedule
+from shapcam.training.wrn import wrn
 
 
 def sync(device: str) -> None:

@@ -1,1 +1,3 @@
-"""Filled by a later issue (see DESIGN.md §2)."""
+"""What people look at: the Streamlit runs dashboard (:mod:`.app` over :mod:`.data`, which reads
+through :mod:`storage` only) and the renderers of tables and overlays (:mod:`.render`), shared
+with the reports and the command line."""

@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 from matplotlib import colormaps
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from dashboards import data
+from dashboards import data, render
 from storage import Run, StorageError
 
 PAGE = 25  # image rows per page of the image table
@@ -44,18 +44,6 @@ def _image_table(path: str, dataset: str, model: str, protocol: str, _stamp: str
 def _disagreement(path: str, dataset: str, model: str, a: str, b: str,
                   ids: tuple[str, ...]) -> pd.Series:
     return data.map_disagreement(Run(path), dataset, model, a, b, list(ids))
-
-
-def overlay(view: data.ImageView, method: str) -> Image.Image:
-    """Photo (or grey) blended with the jet-coloured map, ground-truth boxes in green."""
-    heat = colormaps["jet"](np.nan_to_num(view.maps[method]))[..., :3]
-    base = (view.photo.astype(np.float32) / 255 if view.photo is not None
-            else np.full(heat.shape, 0.5, dtype=np.float32))
-    img = Image.fromarray((255 * (0.5 * base + 0.5 * heat)).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    for x0, y0, x1, y1 in view.boxes.tolist():
-        draw.rectangle((x0, y0, x1, y1), outline=(0, 255, 0), width=2)
-    return img
 
 
 def stderr_image(stderr: np.ndarray, size: tuple[int, int]) -> Image.Image:
@@ -96,13 +84,14 @@ def summary(run: Run, dataset: str, model: str, protocol: str, info: data.RunInf
 def images(run: Run, dataset: str, model: str, protocol: str, table: pd.DataFrame,
            methods: list[str]) -> None:
     st.subheader("Images")
+    titles = data.method_titles(run)
     c1, c2, c3, c4 = st.columns(4)
     classes = sorted(table["label_name"].unique().tolist())
     cls = c1.selectbox("Class", ["(all)", *classes], key="class")
     metric = c2.selectbox("Metric", list(data.METRICS), key="metric",
                           format_func=lambda k: data.METRICS[k])
     method = c3.selectbox("Method", methods, key="method",
-                          format_func=lambda m: data.METHOD_TITLES.get(m, m))
+                          format_func=titles.get)
     col = f"{metric}:{method}"
     values = table[col].dropna() if col in table else pd.Series(dtype=float)
     low = high = None
@@ -111,9 +100,9 @@ def images(run: Run, dataset: str, model: str, protocol: str, table: pd.DataFram
                               (float(values.min()), float(values.max())), key="range")
     d1, d2, d3 = st.columns([1, 1, 2])
     a = d1.selectbox("Disagreement of", methods, key="dis_a",
-                     format_func=lambda m: data.METHOD_TITLES.get(m, m))
+                     format_func=titles.get)
     b = d2.selectbox("and", methods, index=min(1, len(methods) - 1), key="dis_b",
-                     format_func=lambda m: data.METHOD_TITLES.get(m, m))
+                     format_func=titles.get)
     by_disagreement = d3.checkbox("sort by map disagreement (1 - Pearson r)", key="dis_on")
     label = None if cls == "(all)" else int(table.loc[table["label_name"] == cls,
                                                       "label"].iloc[0])
@@ -152,6 +141,7 @@ def image_panel(run: Run, dataset: str, model: str, image_id: str, table: pd.Dat
     except StorageError as exc:
         st.error(str(exc))
         return
+    titles = data.method_titles(run)
     st.markdown(f"**{view.image_id}**: label *{view.label}*, predicted *{view.prediction}* "
                 f"(p = {view.probability:.3f}); boxes in green")
     if view.photo_problem:
@@ -159,8 +149,9 @@ def image_panel(run: Run, dataset: str, model: str, image_id: str, table: pd.Dat
     columns = st.columns(len(view.maps) + (1 if show_stderr and view.stderr is not None
                                            else 0))
     for column, (method, _) in zip(columns, view.maps.items(), strict=False):
-        title = data.METHOD_TITLES.get(method, method)
-        column.image(overlay(view, method), caption=title, use_container_width=True)
+        column.image(render.overlay(view.photo, view.maps[method], view.boxes.tolist(),
+                                    size=view.maps[method].shape[::-1]),
+                     caption=titles[method], use_container_width=True)
         m = view.metrics[method]
         column.markdown(f"<div class='metrics' data-method='{method}'>"
                         f"drop {m['avg_drop']:.2f}<br>incr {m['increase']:.0f}<br>"
@@ -172,11 +163,11 @@ def image_panel(run: Run, dataset: str, model: str, image_id: str, table: pd.Dat
                           caption="Shap-CAM standard error (per position)")
 
 
-def per_class(table: pd.DataFrame, methods: list[str]) -> None:
+def per_class(table: pd.DataFrame, methods: list[str], titles: dict[str, str]) -> None:
     st.subheader("Per class")
     metric = st.selectbox("Metric per class", list(data.METRICS), key="class_metric",
                           format_func=lambda k: data.METRICS[k])
-    frame = data.per_class(table, metric, methods)
+    frame = data.per_class(table, metric, methods, titles)
     if frame.empty:
         st.info("No metric values yet.")
         return
@@ -230,7 +221,7 @@ def main() -> None:
     with tabs[0]:
         images(run, dataset, model, protocol, table, methods)
     with tabs[1]:
-        per_class(table, methods)
+        per_class(table, methods, data.method_titles(run))
     with tabs[2]:
         sql_box(run)
 

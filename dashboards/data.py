@@ -23,8 +23,6 @@ from storage import SCHEMA_VERSION, IncompleteShardError, Run, SchemaVersionErro
 METRICS = {"avg_drop": "Average Drop % (lower is better)", "increase": "Increase (1 = yes)",
            "proportion": "Proportion (energy in box)", "deletion": "Deletion AUC (lower)",
            "insertion": "Insertion AUC (higher)"}
-METHOD_TITLES = {"mask": "Mask", "rise": "RISE", "gradcam": "Grad-CAM",
-                 "gradcampp": "Grad-CAM++", "scorecam": "Score-CAM", "shapcam": "Shap-CAM"}
 
 
 @dataclass(frozen=True)
@@ -109,6 +107,12 @@ def methods_of(run: Run) -> list[str]:
     return list(run.store.attrs.get("config", {}).get("methods", []))
 
 
+def method_titles(run: Run) -> dict[str, str]:
+    """Method name -> the title the run recorded (its name for runs that predate titles)."""
+    recorded = run.store.attrs.get("method_titles", {})
+    return {m: recorded.get(m, m) for m in methods_of(run)}
+
+
 def paper_table(run: Run, dataset: str, model: str, protocol: str) -> pd.DataFrame:
     """The paper's table: one row per metric, one column per method (its stored summary)."""
     methods = methods_of(run)
@@ -123,7 +127,8 @@ def paper_table(run: Run, dataset: str, model: str, protocol: str) -> pd.DataFra
                           dropna=False)
     order = list(dict.fromkeys(df["metric"]))  # the rows in the order the summary has them
     wide = wide.reindex(index=order, columns=[m for m in methods if m in wide.columns])
-    wide.columns = [METHOD_TITLES.get(m, m) for m in wide.columns]
+    titles = method_titles(run)
+    wide.columns = [titles.get(m, m) for m in wide.columns]
     wide.index.name = f"{dataset} / {model} ({protocol})"
     return wide
 
@@ -209,14 +214,15 @@ def filter_images(table: pd.DataFrame, *, label: int | None = None,
 
 
 def per_class(table: pd.DataFrame, metric: str, methods: list[str],
-              top: int | None = 20) -> pd.DataFrame:
-    """Mean of ``metric`` per class (rows, most frequent classes first) and method (columns)."""
+              titles: dict[str, str] | None = None, top: int | None = 20) -> pd.DataFrame:
+    """Mean of ``metric`` per class (rows, most frequent classes first) and method (columns,
+    named by ``titles``)."""
     cols = [f"{metric}:{m}" for m in methods if f"{metric}:{m}" in table]
     if not cols:
         return pd.DataFrame()
     g = table.groupby("label_name")
     out = g[cols].mean()
-    out.columns = [METHOD_TITLES.get(c.split(":", 1)[1], c) for c in cols]
+    out.columns = [(titles or {}).get(c.split(":", 1)[1], c.split(":", 1)[1]) for c in cols]
     out["images"] = g.size()
     out = out.sort_values("images", ascending=False)
     return out.head(top) if top else out

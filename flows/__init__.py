@@ -1,1 +1,2 @@
-"""Filled by a later issue (see DESIGN.md §2)."""
+"""The top layer: Prefect flows (:mod:`.explain_dataset`, :mod:`.scheduled`, :mod:`.training`),
+their Prefect/Dask set-up (:mod:`.runtime`) and the ``shapcam`` command (:mod:`.cli`)."""

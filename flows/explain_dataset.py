@@ -1,16 +1,15 @@
-"""The ``explain-dataset`` flow: plan -> explain_shard -> evaluate_shard -> aggregate -> report.
+"""The ``explain-dataset`` flow: plan -> explain shard -> evaluate shard -> aggregate -> report,
+and ``evaluate-store`` (another protocol variant from a run's stored maps).
 
 Each shard's evaluation is submitted right behind its explanation (``wait_for`` that one task
 only), so a shard is evaluated as soon as its maps exist; there is no global barrier. Tasks run on
 Dask (prefect-dask's ``DaskTaskRunner``): a local cluster by default, an existing scheduler with
-``dask_address``. With CUDA every task asks for one ``GPU`` resource, so a cluster whose workers
-declare ``--resources GPU=1`` runs one task per GPU.
+``--dask-address``. With CUDA every task asks for one ``GPU`` resource, so a cluster whose
+workers declare ``--resources GPU=1`` runs one task per GPU.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -25,9 +24,13 @@ from prefect.artifacts import (
 from prefect.futures import as_completed
 from tqdm import tqdm
 
-from storage import SaliencyStore, open_run, write_manifest
-from tasks.report import write_report
-from tasks.shards import aggregate, config_hash, evaluate_shard, explain_shard, plan_run
+from shapcam.errors import ShapCAMError
+from storage import SaliencyStore
+from tasks.config import RunConfig
+from tasks.pipeline import aggregate, evaluate_shard, explain_shard, plan_run, write_run_manifest
+from tasks.reports import tables_markdown, write_report
+
+from .runtime import artifact_key, gpu_annotation
 
 explain_task = task(explain_shard, name="explain_shard", retries=2, retry_delay_seconds=5,
                     persist_result=False)
@@ -35,26 +38,13 @@ evaluate_task = task(evaluate_shard, name="evaluate_shard", retries=2, retry_del
                      persist_result=False)
 
 
-def _gpu_annotation(device: str):
-    if device.startswith("cuda"):
-        import dask
-
-        return dask.annotate(resources={"GPU": 1})
-    return contextlib.nullcontext()
-
-
-def _table_markdown(tables: dict[str, Any], config: dict[str, Any]) -> str:
-    parts = []
+def _summary_artifacts(run_id: str, config: RunConfig, tables: dict[str, Any]) -> None:
     for model, table in tables.items():
-        cols = table["columns"]
-        lines = [f"### {config['dataset']} / {model} (protocol `{config['protocol']}`)", "",
-                 "| metric | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-        for row in table["rows"]:
-            lines.append(f"| {row['metric']} | " + " | ".join(
-                "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
-                for v in row["values"]) + " |")
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts)
+        create_table_artifact(
+            key=artifact_key("summary", run_id, model),
+            table=[{"metric": r["metric"], **dict(zip(table["columns"], r["values"],
+                                                      strict=True))} for r in table["rows"]],
+            description=f"{config.dataset} / {model}, protocol {config.protocol}")
 
 
 @flow(name="explain-dataset", flow_run_name="explain {config[dataset]} ({run_id})",
@@ -62,31 +52,30 @@ def _table_markdown(tables: dict[str, Any], config: dict[str, Any]) -> str:
 def explain_dataset(run_dir: str, run_id: str, config: dict[str, Any]) -> dict[str, Any]:
     """Explain and evaluate a dataset into ``run_dir`` (Zarr maps, Parquet metrics, report).
 
-    ``config`` keys: dataset, root, split, n_images, seed, shard_size, models
-    (``[{"name", "weights", "layer"}]``), methods, method_options, protocol, causal, device.
-    Re-running with the same ``run_dir`` and ``run_id`` skips completed shards.
+    ``config``: a :class:`tasks.config.RunConfig` as a dict. Re-running with the same
+    ``run_dir`` and ``run_id`` skips completed shards.
     """
+    cfg = RunConfig.from_dict(config)
     logger = get_run_logger()
     started = datetime.now(UTC)
-    plan = plan_run(run_dir, run_id, config)
+    plan = plan_run(run_dir, run_id, cfg)
     shards = plan["shards"]
-    n_shards = len(shards)
-    total = n_shards * len(config["models"])
+    total = len(shards) * len(cfg.models)
     logger.info("run %s: %d images in %d shards x %d models -> %s", run_id, plan["n_images"],
-                n_shards, len(config["models"]), run_dir)
-    progress = create_progress_artifact(0.0, key=f"progress-{_key(run_id)}",
+                len(shards), len(cfg.models), run_dir)
+    progress = create_progress_artifact(0.0, key=artifact_key("progress", run_id),
                                         description=f"shards done of {total}")
     tasks_started = time.perf_counter()
     futures = []
-    with _gpu_annotation(config.get("device", "cpu")):
-        for model in config["models"]:
+    with gpu_annotation(cfg.device):
+        for model in cfg.models:
             for k, records in enumerate(shards):
-                label = f"{model['name']} shard {k + 1}/{n_shards}"
+                label = f"{model.name} shard {k + 1}/{len(shards)}"
                 e = explain_task.with_options(task_run_name=f"explain {label}").submit(
-                    run_dir, config, model, k, records)
+                    run_dir, cfg, model, k, records)
                 futures.append(evaluate_task.with_options(
-                    task_run_name=f"evaluate {label}").submit(run_dir, config, model, k,
-                                                               records, wait_for=[e]))
+                    task_run_name=f"evaluate {label}").submit(run_dir, cfg, model, k, records,
+                                                               wait_for=[e]))
     # One future per shard (its evaluation, which waits for its explanation): the progress
     # artifact for the UI, a bar for the terminal; a task's exception stops here.
     with tqdm(total=len(futures), desc=f"run {run_id}", unit="shard") as bar:
@@ -96,50 +85,18 @@ def explain_dataset(run_dir: str, run_id: str, config: dict[str, Any]) -> dict[s
             bar.update()
             update_progress_artifact(progress, 100.0 * done / len(futures))
     task_seconds = time.perf_counter() - tasks_started
-    tables = aggregate(run_dir, config)
-    write_run_manifest(run_dir, run_id, config, plan, started)
-    for model, table in tables.items():
-        create_table_artifact(
-            key=f"summary-{_key(run_id)}-{_key(model)}",
-            table=[{"metric": r["metric"], **{c: v for c, v in zip(table["columns"],
-                                                                  r["values"], strict=True)}}
-                   for r in table["rows"]],
-            description=f"{config['dataset']} / {model}, protocol {config['protocol']}")
-    report = write_report(run_dir, config, tables)
-    markdown = _table_markdown(tables, config)
-    create_markdown_artifact(key=f"report-{_key(run_id)}",
+    tables = aggregate(run_dir, cfg)
+    write_run_manifest(run_dir, run_id, cfg, plan, started)
+    _summary_artifacts(run_id, cfg, tables)
+    report = write_report(run_dir, cfg, tables)
+    markdown = tables_markdown(cfg, tables)
+    create_markdown_artifact(key=artifact_key("report", run_id),
                              markdown=markdown + f"\n\nReport: `{report}`  \nStore: `{run_dir}`",
                              description="Shap-CAM run summary")
     print(markdown)
     return {"run_dir": run_dir, "report": str(report), "tables": tables,
             "images": plan["n_images"], "shards": total, "task_seconds": task_seconds,
             "skipped": sum(bool(f.result().get("skipped")) for f in futures)}
-
-
-def write_run_manifest(run_dir: str, run_id: str, config: dict[str, Any],
-                       plan: dict[str, Any], started: datetime) -> None:
-    """One manifest row per dataset x model: status, shard counts, failures, timings."""
-    store, run = SaliencyStore(run_dir), open_run(run_dir)
-    finished = datetime.now(UTC)
-    rows = []
-    for model in config["models"]:
-        status = store.shard_status(config["dataset"], model["name"])
-        failed = run.sql(f"select count(distinct image_id) as n from metrics where model = "
-                         f"'{model['name']}' and error is not null")["n"][0]
-        rows.append({"run_id": run_id, "config_hash": config_hash(config),
-                     "status": "completed" if all(status.values()) else "incomplete",
-                     "dataset": config["dataset"], "model": model["name"],
-                     "shards_total": len(status), "shards_done": sum(status.values()),
-                     "images": plan["n_images"], "failed_images": int(failed),
-                     "started_at": started, "finished_at": finished,
-                     "seconds": (finished - started).total_seconds()})
-    write_manifest(run_dir, rows)
-
-
-def _key(text: str) -> str:
-    """Prefect artifact keys: lowercase letters, digits and dashes."""
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-") or "run"
-
 
 
 @flow(name="evaluate-store", flow_run_name="evaluate {run_id} ({protocol})")
@@ -151,23 +108,23 @@ def evaluate_store(run_dir: str, run_id: str, protocol: str = "scorecam",
     already evaluated with this protocol are skipped.
     """
     store = SaliencyStore(run_dir)
-    config = {**store.attrs["config"], "protocol": protocol, "causal": causal}
-    plan = plan_run(run_dir, run_id, config)  # idempotent: same sample, same tables
+    cfg = RunConfig.from_dict(store.attrs["config"]).replace(protocol=protocol, causal=causal)
+    plan = plan_run(run_dir, run_id, cfg)  # idempotent: same sample, same tables
     futures = []
-    with _gpu_annotation(config.get("device", "cpu")):
-        for model in config["models"]:
+    with gpu_annotation(cfg.device):
+        for model in cfg.models:
             for k, records in enumerate(plan["shards"]):
-                if not store.completed(config["dataset"], model["name"], k):
-                    raise ValueError(f"shard {k} of {model['name']} has no maps yet: finish the "
-                                     f"run with `shapcam run --run-id {run_id}` first")
+                if not store.completed(cfg.dataset, model.name, k):
+                    raise ShapCAMError(f"shard {k} of {model.name} has no maps yet: finish the "
+                                       f"run with `shapcam run --run-id {run_id}` first")
                 futures.append(evaluate_task.with_options(
-                    task_run_name=f"evaluate {model['name']} shard {k + 1}/"
+                    task_run_name=f"evaluate {model.name} shard {k + 1}/"
                                   f"{len(plan['shards'])} ({protocol})").submit(
-                    run_dir, config, model, k, records))
+                    run_dir, cfg, model, k, records))
     for fut in as_completed(futures):
         fut.result()
-    tables = aggregate(run_dir, config)
-    create_markdown_artifact(key=f"report-{_key(run_id)}-{_key(protocol)}",
-                             markdown=_table_markdown(tables, config),
+    tables = aggregate(run_dir, cfg)
+    create_markdown_artifact(key=artifact_key("report", run_id, protocol),
+                             markdown=tables_markdown(cfg, tables),
                              description=f"metrics with protocol {protocol}")
     return {"run_dir": run_dir, "tables": tables, "images": plan["n_images"]}

@@ -1,56 +1,116 @@
-"""What ``shapcam run`` and a scheduled deployment share: the run config and the task runner."""
+"""Prefect and Dask set-up, in one place: the environment, the local Prefect server, the API
+context a command runs in, the Dask task runner, the GPU annotation, artifact keys, run ids.
+
+Nothing here imports Prefect at module level: :func:`prefect_environment` must run before Prefect
+is first imported (it reads its settings then), and the command package calls it first.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shapcam.cli import method_settings
-from shapcam.metrics import VARIANTS
-from shapcam.models import ShapCAMError
-from shapcam.presets import resolve_preset
+from shapcam.errors import ShapCAMError
 
-ALL_METHODS = "mask,rise,gradcam,gradcampp,scorecam,shapcam"
 DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
-def run_config(*, dataset: str = "sample", root: str | None = None, split: str = "test",
-               models: str = "mobilenet_v2:IMAGENET1K_V1", methods: str = ALL_METHODS,
-               n_images: int | None = None, shard_size: int = 8, seed: int = 0,
-               protocol: str = "scorecam", causal: bool = True, preset: str = "paper",
-               settings: list[str] | None = None, device: str = "cpu",
-               threads: int = 1) -> dict[str, Any]:
-    """The ``explain-dataset`` config from command-line style options (validated)."""
-    names = [m.strip() for m in methods.split(",") if m.strip()]
-    if protocol not in VARIANTS:
-        raise ShapCAMError(f"unknown protocol {protocol!r}; use one of {', '.join(VARIANTS)}")
-    if shard_size < 1:
-        raise ShapCAMError(f"--shard-size must be >= 1, got {shard_size}")
-    per_method, step = resolve_preset(preset, names, method_settings(settings or [], names))
-    model_specs = []
-    for item in models.split(","):
-        name, _, weights = item.strip().partition(":")
-        model_specs.append({"name": name, "weights": weights or "DEFAULT", "layer": None})
-    return {"dataset": dataset, "root": str(root) if root else None, "split": split,
-            "n_images": n_images, "seed": seed, "shard_size": shard_size,
-            "models": model_specs, "methods": names, "method_options": per_method,
-            "protocol": protocol, "causal": causal, "causal_step": step, "preset": preset,
-            "device": device, "torch_threads": threads}
+def prefect_environment(home: Path) -> None:
+    """Project-local Prefect home, analytics off (the closed network would see refused calls).
+    Values already in the environment win."""
+    os.environ.setdefault("PREFECT_HOME", str(home))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
 
-def new_run_id(when: datetime | None = None) -> str:
-    return (when or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def run_dir_for(store: str, run_id: str) -> str:
-    """``store/run_id`` for a folder (made absolute: Dask workers may run elsewhere) or URL."""
-    return (f"{store.rstrip('/')}/{run_id}" if "://" in store
-            else str((Path(store) / run_id).resolve()))
+def _wait_healthy(proc: subprocess.Popen, url: str, log: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise ShapCAMError(f"the local Prefect server exited ({proc.returncode}); see {log}")
+        try:
+            with urllib.request.urlopen(f"{url}/api/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise ShapCAMError(f"the local Prefect server did not answer within {timeout}s; "
+                               f"see {log}")
+        time.sleep(0.5)
 
 
-def task_runner(dask_address: str | None, workers: int, threads: int):
+@contextlib.contextmanager
+def local_prefect_server(timeout: float = 180.0) -> Iterator[str]:
+    """Start ``prefect server start`` on 127.0.0.1 (API and UI), yield its URL, stop it.
+
+    Process workers cannot share Prefect's ephemeral mode (each would start its own server on
+    one SQLite file), so a run with Dask worker processes talks to one real local server.
+    """
+    port = _free_port()
+    env = {**os.environ, "PREFECT_SERVER_API_HOST": "127.0.0.1",
+           "PREFECT_SERVER_API_PORT": str(port)}
+    home = Path(os.environ["PREFECT_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    log = open(home / "server.log", "ab")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host",
+                             "127.0.0.1", "--port", str(port)], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(proc, url, log.name, timeout)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@contextlib.contextmanager
+def prefect_api(announce: Callable[[str], None] = print) -> Iterator[str]:
+    """PREFECT_API_URL, or a local server started for the occasion: yield the UI's base URL
+    (announced) with Prefect's client settings pointing at it."""
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = (contextlib.nullcontext(os.environ["PREFECT_API_URL"])
+              if os.environ.get("PREFECT_API_URL") else local_prefect_server())
+    with server as url:
+        base = url.removesuffix("/api")
+        announce(f"Prefect UI: {base}")
+        with temporary_settings({PREFECT_API_URL: f"{base}/api"}):
+            yield base
+
+
+def run_flow(flow: Any, runner: Any, announce: Callable[[str], None] = print,
+             **params: Any) -> Any:
+    """Run ``flow`` on ``runner`` against PREFECT_API_URL, or a local server started for it."""
+    with prefect_api(announce):
+        return flow.with_options(task_runner=runner)(**params)
+
+
+def task_runner(dask_address: str | None, workers: int, threads: int) -> Any:
     """prefect-dask's runner: an existing scheduler, or a local cluster of worker processes
     with ``threads`` torch threads each (one task at a time per worker)."""
     import dask
@@ -67,3 +127,28 @@ def task_runner(dask_address: str | None, workers: int, threads: int):
         "n_workers": workers, "threads_per_worker": 1, "processes": True,
         "dashboard_address": ":0",
         "env": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}})
+
+
+def gpu_annotation(device: str) -> contextlib.AbstractContextManager[Any]:
+    """With CUDA, tasks submitted inside ask for one ``GPU`` resource of their Dask worker."""
+    if device.startswith("cuda"):
+        import dask
+
+        return dask.annotate(resources={"GPU": 1})
+    return contextlib.nullcontext()
+
+
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key: lowercase letters, digits and dashes."""
+    text = "-".join(parts)
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-") or "run"
+
+
+def new_run_id(when: datetime | None = None) -> str:
+    return (when or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
+
+
+def run_dir_for(store: str, run_id: str) -> str:
+    """``store/run_id`` for a folder (made absolute: Dask workers may run elsewhere) or URL."""
+    return (f"{store.rstrip('/')}/{run_id}" if "://" in store
+            else str((Path(store) / run_id).resolve()))

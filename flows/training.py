@@ -21,18 +21,20 @@ from prefect.artifacts import (
 from prefect.futures import as_completed
 from tqdm import tqdm
 
-from shapcam.distill.experiment import parse_variants
+from dashboards import render
+from shapcam.training.distillation import parse_variants
+from tasks.config import DistillSpec, FinetuneSpec
 from tasks.training import (
     distill_table,
     finetune_voc_task,
     student_task,
-    table_markdown,
+    table_rows,
     teacher_maps_task,
     teacher_task,
     write_training_report,
 )
 
-from .explain_dataset import _gpu_annotation, _key
+from .runtime import artifact_key, gpu_annotation
 
 teacher_t = task(teacher_task, name="teacher", retries=1, persist_result=False)
 maps_t = task(teacher_maps_task, name="teacher_maps", retries=1, persist_result=False)
@@ -40,71 +42,77 @@ student_t = task(student_task, name="student", retries=1, persist_result=False)
 finetune_t = task(finetune_voc_task, name="finetune", retries=1, persist_result=False)
 
 
-@flow(name="distill", flow_run_name="distill {spec[dataset]} ({run_id})", log_prints=True)
-def distill(run_dir: str, run_id: str, spec: dict[str, Any]) -> dict[str, Any]:
-    """Train the teacher, its maps, and one student per configuration into ``run_dir``.
-
-    ``spec``: dataset, root, limit, seed, teacher, student, teacher_checkpoint, epochs,
-    teacher_epochs, schedule (Schedule fields), loss (LossSettings fields), teacher_map_options,
-    variants ("all" or "ce,shapcam+kd,..."), device, threads.
-    """
-    variants = parse_variants(spec.get("variants", "all"))
-    methods = sorted({v.method for v in variants if v.method})
-    total = 1 + len(methods) + len(variants)
-    progress = create_progress_artifact(0.0, key=f"progress-{_key(run_id)}",
-                                        description=f"training tasks done of {total}")
-    with _gpu_annotation(spec.get("device", "cpu")):
-        teacher = teacher_t.with_options(task_run_name=f"teacher {spec.get('teacher', 'wrn-40-2')}"
-                                         ).submit(run_dir, run_id, spec)
-        maps = {m: maps_t.with_options(task_run_name=f"teacher maps {m}").submit(
-            run_dir, run_id, spec, m, wait_for=[teacher]) for m in methods}
-        students = [student_t.with_options(task_run_name=f"student {v.name}").submit(
-            run_dir, run_id, spec, v.name, wait_for=[maps[v.method] if v.method else teacher])
-            for v in variants]
-    futures = [teacher, *maps.values(), *students]
-    names = {id(f): n for f, n in zip(students, [v.name for v in variants], strict=True)}
+def _wait(futures: list, students: dict[int, str], run_id: str, progress: Any
+          ) -> dict[str, str]:
+    """Wait for every task; a failed student is recorded (the others finish), a failed
+    teacher or teacher-maps task stops the flow. Returns configuration -> why it failed."""
     failed: dict[str, str] = {}
-    with tqdm(total=total, desc=f"distill {run_id}", unit="task") as bar:
+    with tqdm(total=len(futures), desc=f"distill {run_id}", unit="task") as bar:
         for done, fut in enumerate(as_completed(futures), start=1):
             try:
                 summary = fut.result()
             except Exception as exc:  # a diverged student: record it, finish the others
-                if id(fut) not in names:
+                if id(fut) not in students:
                     raise  # the teacher or its maps: nothing can go on without them
-                failed[names[id(fut)]] = f"{type(exc).__name__}: {exc}"
-                summary = {"config": names[id(fut)]}
+                failed[students[id(fut)]] = f"{type(exc).__name__}: {exc}"
+                summary = {"config": students[id(fut)]}
             bar.set_postfix_str(str(summary.get("config") or summary.get("method")))
             bar.update()
-            update_progress_artifact(progress, 100.0 * done / total)
-    table = distill_table(run_dir, failed)
-    title = (f"{spec['dataset']}: {spec.get('student', 'wrn-16-2')} from "
-             f"{spec.get('teacher', 'wrn-40-2')}, final-epoch test error %")
-    markdown = table_markdown(table, title)
-    create_table_artifact(key=f"table4-{_key(run_id)}", table=table["rows"],
+            update_progress_artifact(progress, 100.0 * done / len(futures))
+    return failed
+
+
+@flow(name="distill", flow_run_name="distill {spec[dataset]} ({run_id})", log_prints=True)
+def distill(run_dir: str, run_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Train the teacher, its maps, and one student per configuration into ``run_dir``.
+    ``spec``: a :class:`tasks.config.DistillSpec` as a dict."""
+    s = DistillSpec.from_dict(spec)
+    variants = parse_variants(s.variants)
+    methods = sorted({v.method for v in variants if v.method})
+    total = 1 + len(methods) + len(variants)
+    progress = create_progress_artifact(0.0, key=artifact_key("progress", run_id),
+                                        description=f"training tasks done of {total}")
+    with gpu_annotation(s.device):
+        teacher = teacher_t.with_options(task_run_name=f"teacher {s.teacher}").submit(
+            run_dir, run_id, s)
+        maps = {m: maps_t.with_options(task_run_name=f"teacher maps {m}").submit(
+            run_dir, run_id, s, m, wait_for=[teacher]) for m in methods}
+        students = {v.name: student_t.with_options(task_run_name=f"student {v.name}").submit(
+            run_dir, run_id, s, v.name, wait_for=[maps[v.method] if v.method else teacher])
+            for v in variants}
+    failed = _wait([teacher, *maps.values(), *students.values()],
+                   {id(f): name for name, f in students.items()}, run_id, progress)
+    title = f"{s.dataset}: {s.student} from {s.teacher}, final-epoch test error %"
+    table = distill_table(run_dir, title, failed)
+    markdown = render.markdown(table, heading="### ")
+    create_table_artifact(key=artifact_key("table4", run_id), table=table_rows(table),
                           description=title)
-    report = write_training_report(run_dir, {**spec, "title": title}, markdown)
-    create_markdown_artifact(key=f"distill-{_key(run_id)}",
+    report = write_training_report(run_dir, table, s.to_dict())
+    create_markdown_artifact(key=artifact_key("distill", run_id),
                              markdown=markdown + f"\n\nReport: `{report}`",
                              description="Table 4 (knowledge distillation)")
     print(markdown)
-    return {"run_dir": run_dir, "table": table, "markdown": markdown, "report": str(report),
-            "failed": failed}
+    return {"run_dir": run_dir, "table": table_rows(table), "markdown": markdown,
+            "report": str(report), "failed": failed}
 
 
 @flow(name="finetune-voc", flow_run_name="finetune {spec[model]} on VOC ({run_id})",
       log_prints=True)
 def finetune_voc(run_dir: str, run_id: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Fine-tune an ImageNet model on VOC2007 (multi-label) and save weights for `shapcam run
-    --dataset voc --models NAME:WEIGHTS`."""
-    with _gpu_annotation(spec.get("device", "cpu")):
-        result = finetune_t.with_options(task_run_name=f"finetune {spec['model']}").submit(
-            run_dir, run_id, spec).result()
-    markdown = (f"### {spec['model']} fine-tuned on VOC2007 {spec.get('train_split', 'trainval')}"
-                f"\n\nmAP on {spec.get('test_split', 'test')}: {result['test_map']:.2f} % after "
-                f"{result['epochs']} epochs  \nWeights: `{result['weights']}`")
-    report = write_training_report(run_dir, {**spec, "title": f"{spec['model']} on VOC2007"},
-                                   markdown, metric="test_map")
-    create_markdown_artifact(key=f"finetune-{_key(run_id)}", markdown=markdown,
+    --dataset voc --models NAME:WEIGHTS`. ``spec``: a :class:`tasks.config.FinetuneSpec`."""
+    s = FinetuneSpec.from_dict(spec)
+    with gpu_annotation(s.device):
+        result = finetune_t.with_options(task_run_name=f"finetune {s.model}").submit(
+            run_dir, run_id, s).result()
+    table = render.Table(f"{s.model} fine-tuned on VOC2007 {s.train_split}",
+                         ["metric", "value"],
+                         [[f"mAP on {s.test_split} (%)", result["test_map"]],
+                          ["epochs", str(result["epochs"])]],
+                         [f"Weights: `{result['weights']}`"], digits=2)
+    markdown = render.markdown(table, heading="### ")
+    report = write_training_report(run_dir, table, s.to_dict(), metric="test_map")
+    create_markdown_artifact(key=artifact_key("finetune", run_id), markdown=markdown,
                              description="VOC2007 fine-tuning")
     print(markdown)
     return {**result, "report": str(report), "markdown": markdown}

@@ -5,6 +5,7 @@
     result = ShapCAM(lm)(x)          # x: (B, 3, 224, 224) normalised; result.maps in [0, 1]
 """
 
+from .errors import ShapCAMError
 from .methods import (
     METHODS,
     RISE,
@@ -16,7 +17,7 @@ from .methods import (
     ScoreCAM,
     ShapCAM,
 )
-from .models import LoadedModel, ShapCAMError, load_model, preprocess_transform
+from .models import LoadedModel, load_model, preprocess_transform
 from .shapley import ShapleyResult, block_groups, exact_shapley, permutation_shapley
 from .split import split_model
 

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from .data.records import ImageRecord, load_example, localisation_filter
-from .methods import METHODS, CAMMethod
+from .errors import ShapCAMError
+from .methods import METHOD_TITLES, CAMMethod, build_method
 from .metrics import confidence_metrics, deletion_insertion, energy_pointing_game
-from .models import LoadedModel, ShapCAMError
+from .models import LoadedModel
 
 #: Table rows: (row label, column of the per-image rows, how to aggregate).
 TABLE_ROWS: tuple[tuple[str, str, str], ...] = (
@@ -28,10 +29,6 @@ TABLE_ROWS: tuple[tuple[str, str, str], ...] = (
     ("Deletion AUC (lower)", "deletion", "mean"),
     ("Insertion AUC (higher)", "insertion", "mean"),
 )
-
-METHOD_TITLES = {"mask": "Mask", "rise": "RISE", "gradcam": "Grad-CAM",
-                 "gradcampp": "Grad-CAM++", "scorecam": "Score-CAM", "shapcam": "Shap-CAM"}
-
 
 def image_seed(seed: int, image_id: str) -> int:
     """The Shap-CAM seed of one image: fixed by the run seed and the image id alone, so a map
@@ -81,14 +78,10 @@ def evaluate_records(
 ) -> list[MetricRow]:
     """Explain and evaluate ``records`` with each method; per-image failures become rows with
     ``error`` set and the run goes on."""
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ShapCAMError(f"unknown method(s) {', '.join(unknown)}; available: "
-                           f"{', '.join(METHODS)}")
     if target not in ("predicted", "label"):
         raise ShapCAMError(f"target must be 'predicted' or 'label', got {target!r}")
     options = method_options or {}
-    cams: dict[str, CAMMethod] = {m: METHODS[m](lm, **options.get(m, {})) for m in methods}
+    cams: dict[str, CAMMethod] = {m: build_method(m, lm, options.get(m)) for m in methods}
     rows: list[MetricRow] = []
     device = lm.device
     for start in range(0, len(records), batch_images):
@@ -183,20 +176,6 @@ def summary_table(rows: Sequence[MetricRow], methods: Sequence[str]) -> dict[str
         m: (sum(r.seconds for r in rows if r.method == m and r.error is None)
             / max(1, table["images"][m])) for m in methods}
     return table
-
-
-def format_table(table: dict[str, Any], caption: str) -> str:
-    """Markdown table with the caption above it."""
-    cols = table["columns"]
-    lines = [caption, "", "| metric | " + " | ".join(cols) + " |",
-             "|---|" + "---|" * len(cols)]
-    for row in table["rows"]:
-        cells = ["n/a" if v is None else f"{v:.2f}" if "AUC" not in row["metric"] else f"{v:.3f}"
-                 for v in row["values"]]
-        lines.append(f"| {row['metric']} | " + " | ".join(cells) + " |")
-    lines.append("| seconds per image | " + " | ".join(
-        f"{table['seconds_per_image'][m]:.2f}" for m in table["images"]) + " |")
-    return "\n".join(lines)
 
 
 def rows_as_dicts(rows: Sequence[MetricRow]) -> list[dict[str, Any]]:

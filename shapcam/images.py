@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .models import INPUT_SIZE, ShapCAMError, preprocess_transform
+from .errors import ShapCAMError
+from .models import INPUT_SIZE, preprocess_transform
 
 
 def load_image(path: str | Path) -> Image.Image:

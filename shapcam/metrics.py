@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cpu import forward_batch
-from .models import ShapCAMError, denormalize, normalize
+from .errors import ShapCAMError
+from .models import denormalize, normalize
 
 Variant = Literal["scorecam", "gradcampp"]
 VARIANTS: tuple[str, ...] = ("scorecam", "gradcampp")

@@ -21,6 +21,8 @@ import torchvision
 from torch import nn
 from torchvision.transforms import v2 as T
 
+from .errors import ShapCAMError
+
 #: ImageNet statistics used by every torchvision classifier and by the paper.
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -35,10 +37,6 @@ DEFAULT_TARGET_LAYERS: dict[str, str] = {
     "resnet50": "layer4",
     "mobilenet_v2": "features.18",  # 1280 x 7 x 7
 }
-
-
-class ShapCAMError(ValueError):
-    """Bad input to the library: the message says what was given and what would work."""
 
 
 @dataclass
@@ -263,3 +261,19 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x * std + mean).clamp(0, 1)
+
+
+def resolve_target(target: str | int | None, lm: LoadedModel) -> int | None:
+    """A class given as an index or an exact (case-insensitive) class name; None stays None
+    (the predicted class)."""
+    if target is None:
+        return None
+    text = str(target)
+    if text.lstrip("-").isdigit():
+        return int(text)
+    lowered = [c.lower() for c in lm.categories]
+    if text.lower() in lowered:
+        return lowered.index(text.lower())
+    raise ShapCAMError(f"unknown class {text!r}: pass an index 0..{len(lm.categories) - 1} "
+                       "or an exact class name such as "
+                       f"{', '.join(repr(c) for c in lm.categories[:3])}")

@@ -36,7 +36,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .models import ShapCAMError
+from .errors import ShapCAMError
 
 #: Largest number of players :func:`exact_shapley` enumerates (2^16 = 65,536 coalitions).
 MAX_EXACT_PLAYERS: int = 16
@@ -197,6 +197,20 @@ def _check_seeds(seeds: int | Sequence[int] | torch.Tensor | None, B: int) -> li
     return seeds
 
 
+def _check_sampling(permutations: int, antithetic: bool, tolerance: float | None,
+                    max_permutations: int, batch_size: int) -> None:
+    if int(permutations) != permutations or permutations < 1:
+        raise ShapCAMError(f"permutations must be an integer >= 1, got {permutations!r}")
+    if antithetic and permutations % 2:
+        raise ShapCAMError(f"antithetic sampling needs an even number of permutations, "
+                           f"got {permutations}; use {permutations + 1}")
+    if tolerance is not None and (tolerance <= 0 or max_permutations < permutations):
+        raise ShapCAMError(f"adaptive mode needs tolerance > 0 and max_permutations >= "
+                           f"permutations, got {tolerance} and {max_permutations}")
+    if batch_size < 1:
+        raise ShapCAMError(f"batch_size must be >= 1, got {batch_size}")
+
+
 def permutation_shapley(
     game: Game | Callable[..., torch.Tensor],
     permutations: int = 32,
@@ -225,16 +239,7 @@ def permutation_shapley(
         device: where masks are built; defaults to the game's ``device`` attribute or CPU.
     """
     game = _check_game(game, n_players)
-    if int(permutations) != permutations or permutations < 1:
-        raise ShapCAMError(f"permutations must be an integer >= 1, got {permutations!r}")
-    if antithetic and permutations % 2:
-        raise ShapCAMError(f"antithetic sampling needs an even number of permutations, "
-                           f"got {permutations}; use {permutations + 1}")
-    if tolerance is not None and (tolerance <= 0 or max_permutations < permutations):
-        raise ShapCAMError(f"adaptive mode needs tolerance > 0 and max_permutations >= "
-                           f"permutations, got {tolerance} and {max_permutations}")
-    if batch_size < 1:
-        raise ShapCAMError(f"batch_size must be >= 1, got {batch_size}")
+    _check_sampling(permutations, antithetic, tolerance, max_permutations, batch_size)
     device = torch.device(device or getattr(game, "device", "cpu"))
     B, n = game.n_games, game.n_players
     seed_list = _check_seeds(seeds, B)

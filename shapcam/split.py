@@ -15,7 +15,8 @@ import warnings
 import torch
 from torch import fx, nn
 
-from .models import ShapCAMError, get_module
+from .errors import ShapCAMError
+from .models import get_module
 
 
 class _StopForwardError(Exception):

@@ -64,7 +64,7 @@ class TableSpec:
 
 
 class SaliencyStore:
-    """Create, fill and read a run's saliency store (local path)."""
+    """Create, fill and read a run's saliency store (a local folder or an fsspec URL)."""
 
     def __init__(self, root: str | os.PathLike[str], **storage_options: Any) -> None:
         self.location = Location(root, **storage_options)

@@ -10,7 +10,7 @@ from torch import nn
 
 from shapcam.images import load_batch
 from shapcam.models import LoadedModel, load_model
-from shapcam.samples import sample_photo
+from shapcam.photos import bundled_photo
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -32,7 +32,7 @@ def mobilenet() -> LoadedModel:
 @pytest.fixture(scope="session")
 def photos() -> dict[str, torch.Tensor]:
     names = ["chelsea", "coffee"]
-    x, _ = load_batch([sample_photo(n).path for n in names])
+    x, _ = load_batch([bundled_photo(n).path for n in names])
     return dict(zip(names, x, strict=True))
 
 
@@ -82,3 +82,38 @@ def browser():
         yield drv
     finally:
         drv.quit()
+
+
+@pytest.fixture
+def screenshot_dir(tmp_path):
+    """Where browser tests save screenshots: ``$SHAPCAM_SCREENSHOTS`` (set it to ``docs/img`` to
+    refresh the documentation's pictures), else a temporary folder: tests never write into the
+    checkout on their own."""
+    from pathlib import Path
+
+    folder = Path(os.environ.get("SHAPCAM_SCREENSHOTS") or tmp_path / "screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def clean_checkout():
+    """Fails the test if it changed ``git status`` of the checkout (outside a git checkout, or
+    when screenshots are asked for, it checks nothing)."""
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def status() -> str | None:
+        try:
+            out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"],
+                                 cwd=repo, capture_output=True, text=True, timeout=60)
+        except OSError:
+            return None
+        return out.stdout if out.returncode == 0 else None
+
+    before = status()
+    yield
+    if before is not None and not os.environ.get("SHAPCAM_SCREENSHOTS"):
+        assert status() == before, "the test changed the checkout (git status differs)"

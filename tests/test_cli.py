@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from shapcam.cli import app
-from shapcam.samples import sample_photo
+from flows.cli import app
+from shapcam.photos import bundled_photo
 
 runner = CliRunner()
 
 
 @pytest.mark.real_weights
 def test_explain_writes_overlays_and_arrays(mobilenet, tmp_path):
-    paths = [str(sample_photo(n).path) for n in ("chelsea", "coffee")]
+    paths = [str(bundled_photo(n).path) for n in ("chelsea", "coffee")]
     out = tmp_path / "out"
     res = runner.invoke(app, ["explain", *paths, "--model", "mobilenet_v2", "--weights",
                               "IMAGENET1K_V1", "--permutations", "8", "--seed", "3", "--out",
@@ -38,7 +38,7 @@ def test_explain_writes_overlays_and_arrays(mobilenet, tmp_path):
 def test_target_by_name_and_bad_files_are_skipped(mobilenet, tmp_path):
     bad = tmp_path / "notes.jpg"
     bad.write_text("this is not an image")
-    good = str(sample_photo("coffee").path)
+    good = str(bundled_photo("coffee").path)
     res = runner.invoke(app, ["explain", str(bad), good, "--weights", "IMAGENET1K_V1",
                               "--model", "mobilenet_v2", "-k", "4", "--target", "cup",
                               "--out", str(tmp_path / "o")])
@@ -49,7 +49,7 @@ def test_target_by_name_and_bad_files_are_skipped(mobilenet, tmp_path):
 
 
 def test_errors_are_clear(tmp_path):
-    img = str(sample_photo("coffee").path)
+    img = str(bundled_photo("coffee").path)
     res = runner.invoke(app, ["explain", img, "--weights", "random", "--layer", "features.99",
                               "--out", str(tmp_path)])
     assert res.exit_code == 2 and "layer 'features.99' does not exist" in res.output
@@ -68,7 +68,7 @@ def test_errors_are_clear(tmp_path):
 
 
 def test_baseline_methods_with_options(tmp_path):
-    img = str(sample_photo("coffee").path)
+    img = str(bundled_photo("coffee").path)
     res = runner.invoke(app, ["explain", img, "--weights", "random", "--method", "rise",
                               "--set", "n_masks=8", "--set", "batch_size=8", "--out",
                               str(tmp_path)])
@@ -79,7 +79,7 @@ def test_baseline_methods_with_options(tmp_path):
                               "--set", "n_masks=8", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "bad option for gradcam" in res.output
     res = runner.invoke(app, ["explain", img, "--weights", "random", "--set", "oops"])
-    assert res.exit_code == 2 and "--set expects KEY=VALUE" in res.output
+    assert res.exit_code == 2 and "--set expects METHOD.KEY=VALUE" in res.output
 
 
 @pytest.mark.real_weights

@@ -20,40 +20,47 @@ import pytest
 
 from dashboards import data
 from storage import Run, StorageError, open_run
+from tasks.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.real_weights
 
 
-def _config(root: Path) -> dict:
-    return {"dataset": "sample", "root": str(root), "n_images": None, "seed": 0,
+def _config(root: Path) -> RunConfig:
+    return RunConfig.from_dict({
+            "dataset": "sample", "root": str(root), "n_images": None, "seed": 0,
             "shard_size": 3, "models": [{"name": "mobilenet_v2", "weights": "IMAGENET1K_V1",
                                          "layer": None}],
             "methods": ["gradcam", "shapcam"], "method_options": {"shapcam":
                                                                    {"permutations": 8}},
             "protocol": "scorecam", "causal": True, "causal_step": 224 * 56, "preset": "test",
-            "device": "cpu"}
+            "device": "cpu"})
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, request) -> Path:
     """A runs folder with one completed run (maps, metrics, manifest) and one in progress."""
     request.getfixturevalue("mobilenet")
-    from flows.explain_dataset import write_run_manifest
-    from tasks.shards import aggregate, evaluate_shard, explain_shard, plan_run
+    from tasks.pipeline import (
+        aggregate,
+        evaluate_shard,
+        explain_shard,
+        plan_run,
+        write_run_manifest,
+    )
 
     base = tmp_path_factory.mktemp("dash")
     config = _config(base / "data")
     run_dir = str(base / "runs" / "done")
     plan = plan_run(run_dir, "done", config)
     for k, records in enumerate(plan["shards"]):
-        explain_shard(run_dir, config, config["models"][0], k, records)
-        evaluate_shard(run_dir, config, config["models"][0], k, records)
+        explain_shard(run_dir, config, config.models[0], k, records)
+        evaluate_shard(run_dir, config, config.models[0], k, records)
     aggregate(run_dir, config)
     write_run_manifest(run_dir, "done", config, plan, datetime.now(UTC))
     busy = str(base / "runs" / "busy")
     plan = plan_run(busy, "busy", config)
-    explain_shard(busy, config, config["models"][0], 0, plan["shards"][0])
+    explain_shard(busy, config, config.models[0], 0, plan["shards"][0])
     return base / "runs"
 
 
@@ -88,7 +95,7 @@ def test_paper_table_is_the_stored_summary(runs):
     assert len(table) == 5
     summary = run.sql("select method, metric, value from summary")
     for r in summary.to_dict("records"):
-        got = table.loc[r["metric"], data.METHOD_TITLES[r["method"]]]
+        got = table.loc[r["metric"], data.method_titles(run)[r["method"]]]
         assert (math.isnan(got) and (r["value"] is None or math.isnan(r["value"]))) or \
             got == pytest.approx(r["value"])
     # Average Drop is the mean of the per-image values.
@@ -120,7 +127,8 @@ def test_image_table_filters_and_per_class(runs):
     assert list(data.filter_images(table, label=285)["image_id"]) == ["sample_chelsea"]
     with pytest.raises(StorageError, match="no column avg_drop:rise"):
         data.filter_images(table, metric="avg_drop", method="rise", low=0)
-    per = data.per_class(table, "insertion", ["gradcam", "shapcam"])
+    per = data.per_class(table, "insertion", ["gradcam", "shapcam"],
+                         data.method_titles(Run(runs / "done")))
     assert list(per.columns) == ["Grad-CAM", "Shap-CAM", "images"]
     assert per["images"].sum() == 6
     assert per.loc["Egyptian cat", "Shap-CAM"] == pytest.approx(chelsea["insertion:shapcam"])
@@ -170,7 +178,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_dashboard_in_a_browser(runs, browser, tmp_path):
+def test_dashboard_in_a_browser(runs, browser, tmp_path, screenshot_dir, clean_checkout):
     """Start `shapcam dashboard`, open the run, pick an image, see every method's overlay."""
     from selenium.webdriver.common.by import By
 
@@ -209,11 +217,9 @@ def test_dashboard_in_a_browser(runs, browser, tmp_path):
         assert "Grad-CAM" in captions and "Shap-CAM" in captions
         assert len(browser.find_elements(By.CSS_SELECTOR, "div.metrics")) == 2
         time.sleep(1)
-        docs = REPO / "docs" / "img"
-        docs.mkdir(parents=True, exist_ok=True)
         browser.set_window_size(1400, 1800)
-        browser.save_screenshot(str(docs / "dashboard.png"))
-        assert (docs / "dashboard.png").stat().st_size > 20_000
+        browser.save_screenshot(str(screenshot_dir / "dashboard.png"))
+        assert (screenshot_dir / "dashboard.png").stat().st_size > 20_000
     finally:
         proc.terminate()
         try:

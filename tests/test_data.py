@@ -9,9 +9,16 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from shapcam.data import load_example, localisation_filter, read_ilsvrc, read_voc, sample_records
-from shapcam.data.readers import imagenet_wnids, open_dataset
-from shapcam.models import ShapCAMError
+from shapcam.data import (
+    draw_records,
+    load_example,
+    localisation_filter,
+    open_dataset,
+    read_ilsvrc,
+    read_voc,
+)
+from shapcam.data.readers import imagenet_wnids
+from shapcam.errors import ShapCAMError
 
 WNIDS = imagenet_wnids()
 TABBY, ESPRESSO = 281, 967
@@ -131,12 +138,12 @@ def test_voc_layout(tmp_path):
 
 def test_sampling_is_deterministic_and_order_free(kaggle):
     recs = read_ilsvrc(kaggle)
-    a = [r.image_id for r in sample_records(recs, 3, seed=1)]
-    b = [r.image_id for r in sample_records(list(reversed(recs)), 3, seed=1)]
+    a = [r.image_id for r in draw_records(recs, 3, seed=1)]
+    b = [r.image_id for r in draw_records(list(reversed(recs)), 3, seed=1)]
     assert a == b and len(set(a)) == 3
-    assert [r.image_id for r in sample_records(recs, 3, seed=2)] != a or len(recs) == 3
+    assert [r.image_id for r in draw_records(recs, 3, seed=2)] != a or len(recs) == 3
     with pytest.raises(ShapCAMError, match="n_images must be >= 1"):
-        sample_records(recs, 0)
+        draw_records(recs, 0)
 
 
 def test_localisation_filter(kaggle):

@@ -17,14 +17,14 @@ import pytest
 import torch
 
 from shapcam import GradCAM, GradCAMPlusPlus, ScoreCAM
-from shapcam.distill.data import batches, load_cifar10, load_digits32
-from shapcam.distill.experiment import Variant, parse_variants, train_student, train_teacher
-from shapcam.distill.losses import interpret_loss, kd_loss
-from shapcam.distill.maps import shapley_gap_fc, student_maps
-from shapcam.distill.train import Checkpoint, Schedule
-from shapcam.distill.wrn import n_parameters, wrn
-from shapcam.models import ShapCAMError
+from shapcam.errors import ShapCAMError
 from shapcam.shapley import exact_shapley
+from shapcam.training.cifar import batches, load_cifar10, load_digits32
+from shapcam.training.distillation import Variant, parse_variants, train_student, train_teacher
+from shapcam.training.losses import interpret_loss, kd_loss
+from shapcam.training.maps import shapley_gap_fc, student_maps
+from shapcam.training.train import Checkpoint, Schedule
+from shapcam.training.wrn import n_parameters, wrn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -227,16 +227,16 @@ def test_distill_flow_end_to_end(tmp_path):
     df = open_run(run).training()
     assert sorted(df["config"]) == ["ce", "shapcam+kd", "teacher"]
     assert df["train_kd"].notna().sum() == 1 and df["train_interpret"].notna().sum() == 1
-    table = distill_table(str(run))
-    cells = {r["loss"]: (r["without L_KD"], r["with L_KD"]) for r in table["rows"]}
+    table = distill_table(str(run), "t")
+    cells = {r[0]: (r[1], r[2]) for r in table.rows}
     assert cells["cross-entropy only"][0] is not None and cells["cross-entropy only"][1] is None
     assert cells["+ Shap-CAM L_interpret"][1] is not None
     # A diverged student is reported as such (the flow records it and finishes the others).
-    marked = distill_table(str(run), {"shapcam+kd": "FloatingPointError: loss is nan"})
-    assert marked["rows"][-1]["with L_KD"] == "failed"
-    from tasks.training import table_markdown
+    marked = distill_table(str(run), "t", {"shapcam+kd": "FloatingPointError: loss is nan"})
+    assert marked.rows[-1][2] == "failed"
+    from dashboards.render import markdown
 
-    assert "shapcam+kd failed: FloatingPointError" in table_markdown(marked, "t")
+    assert "shapcam+kd failed: FloatingPointError" in markdown(marked)
     assert (run / "teacher_maps" / "shapcam.npy").is_file()
     assert (run / "report.html").stat().st_size > 10_000
     stamps = {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()}
@@ -249,7 +249,7 @@ def write_voc(root: Path) -> Path:
     """A tiny VOC2007 made of the sample photos (real JPEGs), in the real layout."""
     from test_data import xml
 
-    from shapcam.samples import sample_photo
+    from shapcam.photos import bundled_photo
 
     voc = root / "VOCdevkit" / "VOC2007"
     (voc / "ImageSets" / "Main").mkdir(parents=True)
@@ -259,7 +259,7 @@ def write_voc(root: Path) -> Path:
     for image_id, photo, cls in items:
         from PIL import Image
 
-        with Image.open(sample_photo(photo).path) as im:
+        with Image.open(bundled_photo(photo).path) as im:
             im = im.convert("RGB")
             im.save(voc / "JPEGImages" / f"{image_id}.jpg")
             w, h = im.size

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from shapcam.errors import ShapCAMError
 from shapcam.metrics import (
     auc,
     average_drop,
@@ -18,7 +19,7 @@ from shapcam.metrics import (
     increase_in_confidence,
     keep_top_fraction,
 )
-from shapcam.models import ShapCAMError, denormalize, normalize
+from shapcam.models import denormalize, normalize
 
 
 def test_average_drop_and_increase_by_hand():

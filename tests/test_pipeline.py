@@ -8,26 +8,28 @@ import math
 import numpy as np
 import pytest
 
-from shapcam.data import open_dataset, sample_records
+from shapcam.data import draw_records, open_dataset
 from shapcam.evaluate import evaluate_records
 from storage import SaliencyStore, open_run
-from tasks.shards import aggregate, evaluate_shard, explain_shard, plan_run
+from tasks.config import RunConfig
+from tasks.pipeline import aggregate, evaluate_shard, explain_shard, plan_run
 
 
 def config_for(root, **extra):
-    return {"dataset": "sample", "root": str(root), "n_images": 4, "seed": 0, "shard_size": 2,
+    return RunConfig.from_dict({
+            "dataset": "sample", "root": str(root), "n_images": 4, "seed": 0, "shard_size": 2,
             "models": [{"name": "mobilenet_v2", "weights": "IMAGENET1K_V1", "layer": None}],
             "methods": ["gradcam", "shapcam"], "method_options": {"shapcam":
                                                                    {"permutations": 8}},
-            "protocol": "scorecam", "causal": False, "device": "cpu", **extra}
+            "protocol": "scorecam", "causal": False, "device": "cpu", **extra})
 
 
 def run_all(run_dir, config):
     plan = plan_run(str(run_dir), "run-test", config)
     out = []
     for k, records in enumerate(plan["shards"]):
-        out.append(explain_shard(str(run_dir), config, config["models"][0], k, records))
-        out.append(evaluate_shard(str(run_dir), config, config["models"][0], k, records))
+        out.append(explain_shard(str(run_dir), config, config.models[0], k, records))
+        out.append(evaluate_shard(str(run_dir), config, config.models[0], k, records))
     return plan, out, aggregate(str(run_dir), config)
 
 
@@ -36,7 +38,7 @@ def test_pipeline_equals_the_plain_loop(mobilenet, tmp_path):
     config = config_for(tmp_path / "data")
     plan, summaries, tables = run_all(tmp_path / "run", config)
     assert len(plan["shards"]) == 2 and not any(s["skipped"] for s in summaries)
-    records = sample_records(open_dataset("sample", tmp_path / "data"), 4, 0)
+    records = draw_records(open_dataset("sample", tmp_path / "data"), 4, 0)
     plain = evaluate_records(mobilenet, records, ["gradcam", "shapcam"],
                              method_options={"shapcam": {"permutations": 8}}, causal=False)
     df = open_run(tmp_path / "run").metrics()
@@ -63,7 +65,7 @@ def test_pipeline_equals_the_plain_loop(mobilenet, tmp_path):
 
 @pytest.mark.real_weights
 def test_bad_image_is_recorded_and_the_shard_completes(mobilenet, tmp_path):
-    from shapcam.data.sample import build_sample_dataset
+    from shapcam.data.sample_dataset import build_sample_dataset
 
     root = build_sample_dataset(tmp_path / "data")
     bad = root / "ILSVRC/Data/CLS-LOC/val/sample_china.JPEG"
@@ -84,18 +86,18 @@ def test_bad_image_is_recorded_and_the_shard_completes(mobilenet, tmp_path):
 
 @pytest.mark.real_weights
 def test_resuming_with_other_map_options_is_refused(mobilenet, tmp_path):
-    from shapcam.models import ShapCAMError
+    from shapcam.errors import ShapCAMError
 
     config = config_for(tmp_path / "data")
     plan_run(str(tmp_path / "run"), "run-test", config)
-    plan_run(str(tmp_path / "run"), "run-test", {**config, "protocol": "gradcampp"})  # fine
-    other = {**config, "method_options": {"shapcam": {"permutations": 64}}}
+    plan_run(str(tmp_path / "run"), "run-test", config.replace(protocol="gradcampp"))  # fine
+    other = config.replace(method_options={"shapcam": {"permutations": 64}})
     with pytest.raises(ShapCAMError, match=r"other options \(method_options=.*--run-id"):
         plan_run(str(tmp_path / "run"), "run-test", other)
 
 
 def test_presets_fill_options_and_set_overrides_them():
-    from shapcam.models import ShapCAMError
+    from shapcam.errors import ShapCAMError
     from shapcam.presets import PRESETS, resolve_preset
 
     options, step = resolve_preset("quick", ["rise", "gradcam", "scorecam"],

@@ -17,7 +17,6 @@ import pytest
 from storage import open_run
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = REPO / "docs" / "img"
 pytestmark = pytest.mark.real_weights
 
 
@@ -25,7 +24,7 @@ pytestmark = pytest.mark.real_weights
 def prefect_server(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
     (tmp_path / "prefect").mkdir()
-    from flows.cli import local_prefect_server
+    from flows.runtime import local_prefect_server
 
     with local_prefect_server() as url:
         yield url
@@ -58,7 +57,8 @@ async def _read_back(flow_run_id):
     return parent, children, artifacts, tasks
 
 
-def test_serve_schedules_a_deployment_whose_run_completes(prefect_server, tmp_path, browser):
+def test_serve_schedules_a_deployment_whose_run_completes(prefect_server, tmp_path, browser,
+                                                         screenshot_dir, clean_checkout):
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -75,7 +75,7 @@ def test_serve_schedules_a_deployment_whose_run_completes(prefect_server, tmp_pa
         with temporary_settings({PREFECT_API_URL: api}):
             dep = asyncio.run(_wait_for_deployment("scheduled-explain/ci", 120))
             assert [s.schedule.cron for s in dep.schedules] == ["30 3 * * 1"]
-            assert dep.parameters["methods"] == "gradcam,shapcam"
+            assert dep.parameters["config"]["methods"] == ["gradcam", "shapcam"]
             assert dep.parameters["store"] == str(tmp_path / "runs")
             run = run_deployment("scheduled-explain/ci", timeout=400, poll_interval=2)
             assert run.state.is_completed(), (run.state, serve.poll())
@@ -106,9 +106,8 @@ def test_serve_schedules_a_deployment_whose_run_completes(prefect_server, tmp_pa
             lambda d: children[0].name in d.find_element(By.TAG_NAME, "body").text
             and "Completed" in d.find_element(By.TAG_NAME, "body").text)
         time.sleep(2)  # let the charts finish drawing
-        DOCS.mkdir(parents=True, exist_ok=True)
-        browser.save_screenshot(str(DOCS / "prefect-ui-flow-run.png"))
-        assert (DOCS / "prefect-ui-flow-run.png").stat().st_size > 10_000
+        browser.save_screenshot(str(screenshot_dir / "prefect-ui-flow-run.png"))
+        assert (screenshot_dir / "prefect-ui-flow-run.png").stat().st_size > 10_000
     finally:
         os.killpg(serve.pid, signal.SIGINT)  # Ctrl-C: the runner stops gracefully
         try:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from shapcam import ShapCAM, ShapCAMError
-from shapcam.samples import sample_photo
+from shapcam.photos import bundled_photo
 from shapcam.shapley import draw_orders
 from shapcam.split import split_model
 
@@ -118,7 +118,7 @@ def test_real_photos_put_the_energy_on_the_object(mobilenet, photos, photo, box,
 
     result = ShapCAM(mobilenet)(photos[photo].unsqueeze(0))
     assert int(result.targets[0]) in classes
-    meta = sample_photo(photo)
+    meta = bundled_photo(photo)
     size = Image.open(meta.path).size
     energy, area = _energy_in_box(result.maps[0], meta.boxes[box], size)
     assert energy > 0.5 and energy > area, (energy, area)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shapcam.models import ShapCAMError
+from shapcam.errors import ShapCAMError
 from shapcam.shapley import (
     FunctionGame,
     block_groups,

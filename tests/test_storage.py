@@ -301,12 +301,16 @@ def test_query_cli(tmp_path):
     assert res.exit_code == 2 and "does not exist" in res.output
 
 
-def test_storage_does_not_import_torch():
-    code = ("import sys, storage, storage.query, storage.cli; "
-            "bad = [m for m in ('torch', 'prefect') if m in sys.modules]; print(bad)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=REPO, timeout=120)
-    assert out.stdout.strip() == "[]", out.stderr
+def test_library_layers_import_no_upper_layer():
+    """storage needs neither torch nor the command/orchestration stack; shapcam not the latter."""
+    for imports, banned in (("storage, storage.query", ("torch", "prefect", "typer")),
+                            ("shapcam, shapcam.data, shapcam.training.distillation",
+                             ("prefect", "typer", "dask", "zarr"))):
+        code = (f"import sys, {imports}; "
+                f"bad = [m for m in {banned!r} if m in sys.modules]; print(bad)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             cwd=REPO, timeout=120)
+        assert out.stdout.strip() == "[]", (imports, out.stdout, out.stderr)
 
 
 def test_missing_store_is_clear(tmp_path):

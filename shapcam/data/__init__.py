@@ -1,12 +1,9 @@
-"""Dataset readers: ILSVRC2012 val (two layouts), PASCAL VOC 2007, and the bundled sample set."""
+"""Datasets: readers of ILSVRC2012 val (two layouts) and PASCAL VOC 2007, the bundled ``sample``
+dataset (photos from installed packages in the ILSVRC layout), and image records."""
 
-from .readers import open_dataset, read_ilsvrc, read_voc
-from .records import (
-    ImageRecord,
-    load_example,
-    localisation_filter,
-    sample_records,
-)
+from .datasets import DATASETS, open_dataset
+from .readers import read_ilsvrc, read_voc
+from .records import ImageRecord, draw_records, load_example, localisation_filter
 
-__all__ = ["ImageRecord", "load_example", "localisation_filter", "open_dataset", "read_ilsvrc",
-           "read_voc", "sample_records"]
+__all__ = ["DATASETS", "ImageRecord", "draw_records", "load_example", "localisation_filter",
+           "open_dataset", "read_ilsvrc", "read_voc"]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models import ShapCAMError
+from ..errors import ShapCAMError
 from .records import ImageRecord
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -214,19 +214,3 @@ def read_voc(root: str | Path, split: str = "test") -> list[ImageRecord]:
             rec.error = str(exc)
         records.append(rec)
     return records
-
-
-def open_dataset(name: str, root: str | Path | None = None, split: str = "test"
-                 ) -> list[ImageRecord]:
-    """``sample`` (the bundled photos), ``imagenet`` or ``voc``."""
-    if name == "sample":
-        from .sample import build_sample_dataset
-
-        return read_ilsvrc(build_sample_dataset(root))
-    if root is None:
-        raise ShapCAMError(f"dataset {name!r} needs --root")
-    if name in ("imagenet", "ilsvrc"):
-        return read_ilsvrc(root)
-    if name == "voc":
-        return read_voc(root, split)
-    raise ShapCAMError(f"unknown dataset {name!r}; use sample, imagenet or voc")

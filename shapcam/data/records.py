@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import ShapCAMError
 from ..images import load_image, to_tensor
-from ..models import INPUT_SIZE, ShapCAMError
+from ..models import INPUT_SIZE
 
 
 @dataclass
@@ -72,7 +73,7 @@ def load_example(record: ImageRecord, size: int = INPUT_SIZE
     return to_tensor(image, size), boxes, image.size
 
 
-def sample_records(records: Sequence[ImageRecord], n: int | None, seed: int = 0
+def draw_records(records: Sequence[ImageRecord], n: int | None, seed: int = 0
                    ) -> list[ImageRecord]:
     """``n`` records drawn without replacement, deterministic in ``seed`` (sorted by id first,
     so the draw does not depend on file-system order); all of them when ``n`` is None."""

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import LoadedModel, ShapCAMError
+from ..errors import ShapCAMError
+from ..models import LoadedModel
 from ..split import split_model
 
 
@@ -60,7 +61,8 @@ class CAMMethod(ABC):
         target_layer: dotted module name; defaults to the loaded model's default layer.
     """
 
-    name: str = "base"
+    name: str = "base"  #: registry key (``--methods``, stored tables)
+    title: str = "base"  #: how tables, reports and the dashboard label the method
 
     def __init__(self, model: LoadedModel | nn.Module, target_layer: str | None = None) -> None:
         if isinstance(model, LoadedModel):

@@ -14,6 +14,24 @@ import torch
 from .base import CAMMethod
 
 
+def gradcam_weights(grads: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM's channel weights ``w_k = mean_ij g^k_ij``, ``(B, C)`` from ``g (B, C, h, w)``."""
+    return grads.mean((2, 3))
+
+
+def gradcampp_weights(features: torch.Tensor, grads: torch.Tensor, eps: float = 0.0
+                      ) -> torch.Tensor:
+    """Grad-CAM++'s channel weights ``w_k = sum_ij alpha^k_ij ReLU(g^k_ij)`` with
+    ``alpha = g^2 / (2 g^2 + sum_ab A^k_ab g^3 + eps)`` (0 where ``g = 0``), ``(B, C)``.
+    Differentiable in both arguments (the distillation students use it with a graph)."""
+    g2, g3 = grads.pow(2), grads.pow(3)
+    sum_a = features.sum((2, 3), keepdim=True)
+    denom = 2 * g2 + sum_a * g3 + eps
+    alpha = torch.where(grads != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)),
+                        torch.zeros_like(grads))
+    return (alpha * grads.clamp_min(0)).sum((2, 3))
+
+
 class GradCAM(CAMMethod):
     """Grad-CAM (Selvaraju et al., ICCV 2017).
 
@@ -21,6 +39,7 @@ class GradCAM(CAMMethod):
     """
 
     name = "gradcam"
+    title = "Grad-CAM"
 
     def gradients(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``dy^c / dA`` for each image's target, ``(B, C, h, w)``."""
@@ -32,7 +51,7 @@ class GradCAM(CAMMethod):
         return grad
 
     def channel_weights(self, features: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-        return grads.mean((2, 3))
+        return gradcam_weights(grads)
 
     def raw_maps(self, x: torch.Tensor, targets: torch.Tensor, *, features: torch.Tensor,
                  logits: torch.Tensor, **_: Any) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -57,15 +76,11 @@ class GradCAMPlusPlus(GradCAM):
     """
 
     name = "gradcampp"
+    title = "Grad-CAM++"
 
     def __init__(self, model, target_layer: str | None = None, *, eps: float = 0.0) -> None:
         super().__init__(model, target_layer)
         self.eps = eps
 
     def channel_weights(self, features: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-        g2, g3 = grads.pow(2), grads.pow(3)
-        sum_a = features.sum((2, 3), keepdim=True)
-        denom = 2 * g2 + sum_a * g3 + self.eps
-        alpha = torch.where(grads != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)),
-                            torch.zeros_like(grads))
-        return (alpha * grads.clamp_min(0)).sum((2, 3))
+        return gradcampp_weights(features, grads, self.eps)

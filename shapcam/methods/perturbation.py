@@ -34,6 +34,7 @@ class ScoreCAM(CAMMethod):
     """
 
     name = "scorecam"
+    title = "Score-CAM"
 
     def __init__(self, model, target_layer: str | None = None, *, batch_size: int | None = None,
                  max_channels: int | None = None) -> None:
@@ -79,6 +80,7 @@ class RISE(CAMMethod):
     """
 
     name = "rise"
+    title = "RISE"
 
     def __init__(self, model, target_layer: str | None = None, *, n_masks: int = 8000,
                  grid: int = 7, p_keep: float = 0.5, batch_size: int | None = None,
@@ -152,6 +154,7 @@ class MeaningfulPerturbation(CAMMethod):
     """
 
     name = "mask"
+    title = "Mask"
 
     def __init__(self, model, target_layer: str | None = None, *, mask_size: int = 28,
                  lr: float = 0.1, iterations: int = 500, l1: float = 0.01, tv: float = 0.2,

@@ -21,8 +21,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..errors import ShapCAMError
 from ..heads import CellLinearEvaluator, CellLinearPlan, analyse_head
-from ..models import LoadedModel, ShapCAMError
+from ..models import LoadedModel
 from ..shapley import ShapleyResult, block_groups, exact_shapley, permutation_shapley
 from .base import CAMMethod
 
@@ -200,6 +201,7 @@ class ShapCAM(CAMMethod):
     """
 
     name = "shapcam"
+    title = "Shap-CAM"
 
     def __init__(
         self,

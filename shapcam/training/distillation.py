@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import ImageSet, batches
+from .cifar import ImageSet, batches
 from .losses import interpret_loss, kd_loss
 from .maps import student_maps
 from .train import Checkpoint, Schedule, fit
@@ -62,14 +62,14 @@ def parse_variants(text: str) -> list[Variant]:
 class LossSettings:
     """``alpha``: weight of L_interpret (not given in the paper; 1.0 is our default).
     ``kd_weight``: weight of L_KD; ``temperature``: Hinton's T (the paper: 4).
-    ``orders``: Shap-CAM orders per step for the student map (unbiased at any K; 16 costs a
+    ``permutations``: Shap-CAM orders per step for the student map (unbiased at any K; 16 costs a
     cumsum over 16 x 65 prefixes). ``scorecam_channels``: channels scored per image and step
     for the student's Score-CAM weights (one detached forward each)."""
 
     alpha: float = 1.0
     kd_weight: float = 1.0
     temperature: float = 4.0
-    orders: int = 16
+    permutations: int = 16
     scorecam_channels: int = 8
 
 
@@ -113,7 +113,7 @@ def train_student(student: WideResNet, teacher: WideResNet, data: ImageSet, vari
                   **fit_kwargs: Any) -> list[dict[str, Any]]:
     """``CE [+ alpha L_interpret(student map, teacher map)] [+ kd_weight L_KD]``, class = label.
 
-    ``teacher_maps``: ``(N_train, 32, 32)`` from :func:`~shapcam.distill.maps.teacher_maps`
+    ``teacher_maps``: ``(N_train, 32, 32)`` from :func:`~shapcam.training.maps.teacher_maps`
     for ``variant.method`` (required when it is not None).
     """
     settings = settings or LossSettings()
@@ -139,7 +139,7 @@ def train_student(student: WideResNet, teacher: WideResNet, data: ImageSet, vari
                     student.train()
                 g = torch.Generator().manual_seed(
                     (schedule.seed * 1_000_003 + epoch) * 100_003 + step)
-                orders = torch.rand(settings.orders, n_pos, generator=g).argsort(1)
+                orders = torch.rand(settings.permutations, n_pos, generator=g).argsort(1)
             logits, smap = student_maps(student, variant.method, x, y, orders=orders,
                                         max_channels=settings.scorecam_channels)
             li = interpret_loss(smap, tmap.float(), size=x.shape[-1])

@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..methods import METHODS
-from ..methods.gradcam import GradCAM, GradCAMPlusPlus
+from ..methods import build_method
+from ..methods.gradcam import gradcam_weights, gradcampp_weights
 from ..methods.perturbation import ScoreCAM
 from .wrn import WideResNet
 
@@ -65,8 +65,7 @@ def student_maps(model: WideResNet, method: str, x: torch.Tensor, targets: torch
     if method in ("gradcam", "gradcampp"):
         score = logits.gather(1, targets.view(-1, 1)).sum()
         (g,) = torch.autograd.grad(score, A, create_graph=True)
-        cls = GradCAM if method == "gradcam" else GradCAMPlusPlus
-        w = cls.channel_weights(_formula(cls), A, g)
+        w = gradcam_weights(g) if method == "gradcam" else gradcampp_weights(A, g)
         return logits, torch.einsum("bc,bchw->bhw", w, A).clamp_min(0)
     if method == "shapcam":
         if orders is None:
@@ -91,19 +90,12 @@ def student_maps(model: WideResNet, method: str, x: torch.Tensor, targets: torch
                      f"{', '.join(STUDENT_METHODS)}")
 
 
-def _formula(cls):
-    """An instance carrying the formula's settings (Grad-CAM++'s eps = 0), without a model."""
-    obj = cls.__new__(cls)
-    obj.eps = 0.0
-    return obj
-
-
 @torch.no_grad()
 def teacher_maps(model: WideResNet, method: str, images: torch.Tensor, targets: torch.Tensor,
                  *, batch_size: int = 256, size: int = 32, **options) -> torch.Tensor:
     """The engine's ``method`` maps of ``model`` at ``features`` for ``targets``, upsampled to
     ``size x size`` (``(N, size, size)``, float16), computed once for un-augmented images."""
-    cam = METHODS[method](model, "features", **options)
+    cam = build_method(method, model, options, target_layer="features")
     out = []
     for s in range(0, len(targets), batch_size):
         x, t = images[s:s + batch_size], targets[s:s + batch_size]

@@ -1,5 +1,6 @@
-"""The units of pipeline work, as plain functions (the Prefect tasks in ``tasks.prefect`` wrap
-them): plan a run, explain a shard into the Zarr store, evaluate a shard into Parquet, aggregate.
+"""The explain pipeline's units of work, as plain functions (``flows.explain_dataset`` wraps
+them as Prefect tasks): plan a run, explain a shard into the Zarr store, evaluate a shard into
+Parquet, aggregate the paper's table, write the run manifest.
 
 They pass paths and small JSON-able summaries, never tensors. Each one is idempotent: a shard
 whose maps (metrics) are complete in the run folder is skipped, so re-running a run id resumes.
@@ -7,11 +8,11 @@ whose maps (metrics) are complete in the run folder is skipped, so re-running a 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +20,23 @@ import numpy as np
 import torch
 
 from shapcam.cpu import tune_allocator
-from shapcam.data import ImageRecord, load_example, open_dataset
-from shapcam.data import sample_records as sample_dataset
+from shapcam.data import ImageRecord, draw_records, load_example, open_dataset
+from shapcam.errors import ShapCAMError
 from shapcam.evaluate import MetricRow, image_seed, score_maps, summary_table
-from shapcam.methods import METHODS, CAMMethod
-from shapcam.models import INPUT_SIZE, LoadedModel, ShapCAMError, load_model
+from shapcam.methods import METHOD_TITLES, CAMMethod, build_method
+from shapcam.models import INPUT_SIZE, LoadedModel, load_model
 from storage import (
     SaliencyStore,
     TableSpec,
     open_run,
     write_image_index,
+    write_manifest,
     write_metrics_shard,
     write_summary,
 )
 from storage.tables import metrics_exist
+
+from .config import ModelSpec, RunConfig
 
 _METRIC_COLUMNS = ("image_id", "target", "label", "protocol", "y", "o", "avg_drop", "increase",
                    "proportion", "deletion", "insertion", "seconds")
@@ -40,26 +44,27 @@ _MODELS: dict[tuple[str, str, str | None, str], LoadedModel] = {}
 _METHODS: dict[tuple[Any, ...], CAMMethod] = {}
 
 
-def cached_model(name: str, weights: str, layer: str | None, device: str) -> LoadedModel:
+def cached_model(spec: ModelSpec, device: str) -> LoadedModel:
     """Load a model once per worker process and reuse it across tasks."""
-    key = (name, weights, layer, device)
+    key = (spec.name, spec.weights, spec.layer, device)
     if key not in _MODELS:
         if device.startswith("cpu"):
             tune_allocator()  # worker processes: keep freed activations for reuse
-        _MODELS[key] = load_model(name, weights, target_layer=layer, device=device)
+        _MODELS[key] = load_model(spec.name, spec.weights, target_layer=spec.layer,
+                                  device=device)
     return _MODELS[key]
 
 
 def cached_method(lm: LoadedModel, name: str, options: dict[str, Any]) -> CAMMethod:
     key = (id(lm), name, json.dumps(options, sort_keys=True))
     if key not in _METHODS:
-        _METHODS[key] = METHODS[name](lm, **options)
+        _METHODS[key] = build_method(name, lm, options)
     return _METHODS[key]
 
 
-def _threads(config: dict[str, Any]) -> None:
-    if config.get("torch_threads"):
-        torch.set_num_threads(int(config["torch_threads"]))
+def _threads(config: RunConfig) -> None:
+    if config.threads:
+        torch.set_num_threads(config.threads)
 
 
 def record_to_dict(r: ImageRecord) -> dict[str, Any]:
@@ -88,54 +93,44 @@ def record_from_dict(d: dict[str, Any]) -> ImageRecord:
                        error=d["error"])
 
 
-# The options that decide the maps: resuming a run with other values would mix two runs.
-MAP_KEYS = ("dataset", "split", "n_images", "seed", "shard_size", "models", "methods",
-            "method_options")
+def plan_run(run_dir: str, run_id: str, config: RunConfig) -> dict[str, Any]:
+    """Draw the images, create the store and one table per model; return the shard plan.
 
-
-def config_hash(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def plan_run(run_dir: str, run_id: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Sample the images, create the store and one table per model; return the shard plan.
-
-    ``config``: dataset, root, split, n_images, seed, shard_size, models (list of
-    ``{"name", "weights", "layer"}``), methods, method_options, device.
+    A store that exists already must have been made with the same map options (resume).
     """
-    records = sample_dataset(open_dataset(config["dataset"], config.get("root"),
-                                          config.get("split", "test")),
-                             config.get("n_images"), config.get("seed", 0))
+    records = draw_records(open_dataset(config.dataset, config.root, config.split),
+                           config.n_images, config.seed)
     if not records:
-        raise ValueError(f"dataset {config['dataset']} has no images")
+        raise ShapCAMError(f"dataset {config.dataset} has no images")
     store = SaliencyStore.create(run_dir, run_id, {
-        "config": config, "config_hash": config_hash(config),
+        "config": config.to_dict(), "config_hash": config.hash(),
+        "method_titles": {m: METHOD_TITLES[m] for m in config.methods},
         "versions": {"torch": torch.__version__, "numpy": np.__version__}})
-    stored = store.attrs["config"]
-    changed = [k for k in MAP_KEYS if stored.get(k) != config.get(k)]
+    stored = RunConfig.from_dict(store.attrs["config"])
+    changed = stored.changed_map_options(config)
     if changed:
-        was = ", ".join(f"{k}={stored.get(k)!r}" for k in changed)
+        was = ", ".join(f"{k}={stored.map_options()[k]!r}" for k in changed)
         raise ShapCAMError(f"run {run_id} in {run_dir} was made with other options ({was}); "
                            "resume it with the same options, or start a new --run-id")
-    write_image_index(run_dir, config["dataset"], [image_index_row(r) for r in records])
-    S = int(config["shard_size"])
+    write_image_index(run_dir, config.dataset, [image_index_row(r) for r in records])
+    S = config.shard_size
     shards = [[record_to_dict(r) for r in records[k:k + S]] for k in range(0, len(records), S)]
-    for spec in config["models"]:
-        lm = cached_model(spec["name"], spec["weights"], spec.get("layer"), "cpu")
+    for spec in config.models:
+        lm = cached_model(spec, "cpu")
         with torch.no_grad():
             from shapcam.split import split_model
 
             trunk, _ = split_model(lm.model, lm.target_layer)
             hw = tuple(trunk(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE)).shape[-2:])
         raw_shapes = {}
-        for m in config["methods"]:
-            cam = cached_method(lm, m, config.get("method_options", {}).get(m, {}))
+        for m in config.methods:
+            cam = cached_method(lm, m, config.options_for(m))
             raw_shapes[m] = tuple(cam.raw_shape(hw, (INPUT_SIZE, INPUT_SIZE)))
-        store.init_table(config["dataset"], spec["name"], [r.image_id for r in records],
+        store.init_table(config.dataset, spec.name, [r.image_id for r in records],
                          [r.label for r in records],
                          TableSpec(len(records), S, (INPUT_SIZE, INPUT_SIZE), raw_shapes),
                          {"weights": lm.weights, "target_layer": lm.target_layer,
-                          "method_options": config.get("method_options", {}),
+                          "method_options": config.method_options,
                           "categories": list(lm.categories)})
     return {"run_dir": run_dir, "shards": shards, "n_images": len(records)}
 
@@ -153,17 +148,16 @@ def _load(records: Sequence[dict[str, Any]]):
     return good, xs, failures
 
 
-def explain_shard(run_dir: str, config: dict[str, Any], model: dict[str, Any], shard: int,
+def explain_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int,
                   records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Compute every method's maps for one shard and write them; skip a completed shard."""
-    dataset, name = config["dataset"], model["name"]
+    dataset, name = config.dataset, model.name
     store = SaliencyStore(run_dir)
     if store.completed(dataset, name, shard):
         return {"shard": shard, "model": name, "skipped": True}
     t0 = time.perf_counter()
     _threads(config)
-    device = config.get("device", "cpu")
-    lm = cached_model(name, model["weights"], model.get("layer"), device)
+    lm = cached_model(model, config.device)
     spec, _ = store.table(dataset, name)
     n = len(records)
     good, xs, failures = _load(records)
@@ -179,15 +173,15 @@ def explain_shard(run_dir: str, config: dict[str, Any], model: dict[str, Any], s
     seconds: dict[str, float] = {}
     evaluations = 0
     x = torch.stack(xs).to(lm.device) if good else None
-    seeds = [image_seed(config.get("seed", 0), r.image_id) for _, r, _, _ in good]
-    for m in config["methods"]:
+    seeds = [image_seed(config.seed, r.image_id) for _, r, _, _ in good]
+    for m in config.methods:
         h, w = spec.raw_shapes[m]
         arrays = {"maps": np.full((n, INPUT_SIZE, INPUT_SIZE), np.nan, dtype=np.float16),
                   "raw": np.full((n, h, w), np.nan, dtype=np.float32)}
         if m in spec.stderr_methods:
             arrays["stderr"] = np.full((n, h, w), np.nan, dtype=np.float32)
         if good:
-            cam = cached_method(lm, m, config.get("method_options", {}).get(m, {}))
+            cam = cached_method(lm, m, config.options_for(m))
             kwargs = {"seeds": seeds} if m == "shapcam" else {}
             t = time.perf_counter()
             result = cam(x, None, **kwargs)
@@ -208,16 +202,15 @@ def explain_shard(run_dir: str, config: dict[str, Any], model: dict[str, Any], s
             "failed": len(failures), "seconds": time.perf_counter() - t0}
 
 
-def metrics_complete(run_dir: str, config: dict[str, Any], model: str, shard: int) -> bool:
-    protocol = config.get("protocol", "scorecam")
-    return all(metrics_exist(run_dir, config["dataset"], model, m, shard, protocol)
-               for m in config["methods"])
+def metrics_complete(run_dir: str, config: RunConfig, model: str, shard: int) -> bool:
+    return all(metrics_exist(run_dir, config.dataset, model, m, shard, config.protocol)
+               for m in config.methods)
 
 
-def evaluate_shard(run_dir: str, config: dict[str, Any], model: dict[str, Any], shard: int,
+def evaluate_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int,
                    records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Metrics of one shard from its stored maps into one Parquet file per method."""
-    dataset, name = config["dataset"], model["name"]
+    dataset, name = config.dataset, model.name
     if metrics_complete(run_dir, config, name, shard):
         return {"shard": shard, "model": name, "skipped": True}
     t0 = time.perf_counter()
@@ -230,11 +223,11 @@ def evaluate_shard(run_dir: str, config: dict[str, Any], model: dict[str, Any], 
     targets = g["images"]["target"][sl]
     good, xs, load_failures = _load(records)
     failures = {**load_failures, **failures}
-    protocol = config.get("protocol", "scorecam")
-    lm = cached_model(name, model["weights"], model.get("layer"), config.get("device", "cpu"))
+    protocol = config.protocol
+    lm = cached_model(model, config.device)
     run_id = store.attrs["run_id"]
     x = torch.stack(xs).to(lm.device) if good else None
-    for m in config["methods"]:
+    for m in config.methods:
         rows: list[dict[str, Any]] = []
         for d in records:
             if d["image_id"] in failures:
@@ -247,7 +240,7 @@ def evaluate_shard(run_dir: str, config: dict[str, Any], model: dict[str, Any], 
             tg = torch.from_numpy(targets[idx].astype(np.int64)).to(lm.device)
             secs = shard_record.get("seconds", {}).get(m, math.nan)
             for r in score_maps(lm.model, x, maps, tg, [(rec, b) for _, rec, b, _ in good], m,
-                                protocol, causal_step(config), secs):
+                                protocol, config.causal_pixels, secs):
                 row = {k: getattr(r, k) for k in _METRIC_COLUMNS}
                 # Not applicable is NULL in the tables (SQL aggregates skip it; NaN would not).
                 rows.append({k: None if isinstance(v, float) and math.isnan(v) and
@@ -258,20 +251,15 @@ def evaluate_shard(run_dir: str, config: dict[str, Any], model: dict[str, Any], 
             "seconds": time.perf_counter() - t0}
 
 
-def causal_step(config: dict[str, Any]) -> int | None:
-    """Pixels per deletion/insertion step of a run (None: causal metrics off)."""
-    return config.get("causal_step", 224) if config.get("causal", True) else None
-
-
-def aggregate(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
+def aggregate(run_dir: str, config: RunConfig) -> dict[str, Any]:
     """The run summary (paper's table per model) into ``summary-<protocol>.parquet``."""
     run = open_run(run_dir)
-    df = run.metrics(filters=[("protocol", "=", config.get("protocol", "scorecam"))])
+    df = run.metrics(filters=[("protocol", "=", config.protocol)])
     run_id = SaliencyStore(run_dir).attrs["run_id"]
     tables, summary_rows = {}, []
     fields = set(MetricRow.__dataclass_fields__)
-    for spec in config["models"]:
-        name = spec["name"]
+    for spec in config.models:
+        name = spec.name
         part = df[df["model"] == name]
         rows = []
         for r in part.to_dict("records"):
@@ -280,14 +268,34 @@ def aggregate(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
             clean["error"] = r["error"] if isinstance(r.get("error"), str) else None
             rows.append(MetricRow(**{k: clean.get(k, MetricRow.__dataclass_fields__[k].default)
                                      for k in fields}))
-        table = summary_table(rows, config["methods"])
+        table = summary_table(rows, config.methods)
         tables[name] = table
         for row in table["rows"]:
-            for m, value in zip(config["methods"], row["values"], strict=True):
-                summary_rows.append({"run_id": run_id, "dataset": config["dataset"],
-                                     "model": name, "method": m,
-                                     "protocol": config.get("protocol", "scorecam"),
+            for m, value in zip(config.methods, row["values"], strict=True):
+                summary_rows.append({"run_id": run_id, "dataset": config.dataset,
+                                     "model": name, "method": m, "protocol": config.protocol,
                                      "metric": row["metric"], "value": value,
                                      "images": table["images"][m]})
-    write_summary(run_dir, summary_rows, config.get("protocol", "scorecam"))
+    write_summary(run_dir, summary_rows, config.protocol)
     return tables
+
+
+def write_run_manifest(run_dir: str, run_id: str, config: RunConfig, plan: dict[str, Any],
+                       started: datetime) -> None:
+    """One manifest row per dataset x model: status, shard counts, failures, timings."""
+    store, run = SaliencyStore(run_dir), open_run(run_dir)
+    finished = datetime.now(UTC)
+    rows = []
+    for model in config.models:
+        status = store.shard_status(config.dataset, model.name)
+        failed = run.sql("select count(distinct image_id) as n from metrics where model = "
+                         f"'{model.name.replace(chr(39), chr(39) * 2)}' and error is not null"
+                         )["n"][0]
+        rows.append({"run_id": run_id, "config_hash": config.hash(),
+                     "status": "completed" if all(status.values()) else "incomplete",
+                     "dataset": config.dataset, "model": model.name,
+                     "shards_total": len(status), "shards_done": sum(status.values()),
+                     "images": plan["n_images"], "failed_images": int(failed),
+                     "started_at": started, "finished_at": finished,
+                     "seconds": (finished - started).total_seconds()})
+    write_manifest(run_dir, rows)

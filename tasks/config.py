@@ -1,0 +1,283 @@
+"""The typed configuration of every pipeline run: :class:`RunConfig` (explain-dataset),
+:class:`DistillSpec` (paper Table 4) and :class:`FinetuneSpec` (VOC2007).
+
+Every default is stated here once. ``to_dict`` / ``from_dict`` convert to the JSON that travels as
+Prefect parameters and is stored in a run's attributes; ``from_dict`` also reads the key names of
+stores written before this module existed (``torch_threads``, ``orders``). Validation happens
+in ``__post_init__``, so a config that exists is a valid one: the command line, a deployment
+and a resumed run all fail at the same place with the same message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from shapcam.data import DATASETS
+from shapcam.errors import ShapCAMError
+from shapcam.methods import METHODS, check_options
+from shapcam.metrics import VARIANTS
+from shapcam.presets import resolve_preset
+
+#: The paper's methods in its column order (the default of ``--methods``).
+ALL_METHODS: tuple[str, ...] = tuple(METHODS)
+DEFAULT_MODEL = "mobilenet_v2"
+#: The ImageNet weights that ship offline (``shapcam setup``): the default everywhere.
+DEFAULT_WEIGHTS = "IMAGENET1K_V1"
+#: Key names of older stores -> today's.
+_RENAMED = {"torch_threads": "threads", "orders": "permutations"}
+
+
+def parse_settings(items: list[str] | None, methods: list[str] | tuple[str, ...]
+                   ) -> dict[str, dict[str, Any]]:
+    """``--set METHOD.KEY=VALUE`` (repeatable) -> ``{method: {key: typed value}}``.
+
+    ``KEY=VALUE`` is accepted as a short form when ``methods`` holds exactly one method. Values
+    become int, float or bool when they read as one; each key is checked against the method's
+    options.
+    """
+    per_method: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ShapCAMError(f"--set expects METHOD.KEY=VALUE, got {item!r} "
+                               "(e.g. --set rise.n_masks=500)")
+        method, dot, option = key.rpartition(".")
+        if not dot and len(methods) == 1:
+            method = methods[0]
+        if method not in methods:
+            raise ShapCAMError(f"--set {key}: use METHOD.KEY=VALUE with METHOD one of "
+                               f"{', '.join(methods)}")
+        option = option.replace("-", "_")
+        check_options(method, {option: None})
+        per_method.setdefault(method, {})[option] = _typed(raw)
+    return per_method
+
+
+def _typed(raw: str) -> Any:
+    if raw in ("true", "false"):
+        return raw == "true"
+    if raw in ("none", "None"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            continue
+    return raw
+
+
+def _known(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
+    """``data`` with renamed keys updated; an unknown key is an error naming it."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {_RENAMED.get(k, k): v for k, v in data.items()}
+    unknown = sorted(set(out) - names)
+    if unknown:
+        raise ShapCAMError(f"{what}: unknown key(s) {', '.join(unknown)}; known: "
+                           f"{', '.join(sorted(names))}")
+    return out
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to explain: torchvision name (or a ``timm:`` name where supported), weights
+    (enum name, state-dict path or ``random``) and target layer (None: the model's default)."""
+
+    name: str = DEFAULT_MODEL
+    weights: str = DEFAULT_WEIGHTS
+    layer: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ModelSpec:
+        """``NAME`` or ``NAME:WEIGHTS`` (e.g. ``vgg16:/w/vgg16.pth``)."""
+        name, _, weights = text.strip().partition(":")
+        if not name:
+            raise ShapCAMError(f"--models: empty model name in {text!r}; use NAME or "
+                               "NAME:WEIGHTS, comma-separated")
+        return cls(name, weights or DEFAULT_WEIGHTS)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What an explain-dataset run computes and how (see ``docs/orchestration.md``).
+
+    ``method_options`` are the resolved per-method options (the preset's, then ``--set``'s);
+    ``causal_step`` is the deletion/insertion step in pixels (the preset's).
+    """
+
+    dataset: str = "sample"
+    root: str | None = None
+    split: str = "test"
+    n_images: int | None = None
+    seed: int = 0
+    shard_size: int = 8
+    models: tuple[ModelSpec, ...] = (ModelSpec(),)
+    methods: tuple[str, ...] = ALL_METHODS
+    preset: str = "paper"
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    protocol: str = "scorecam"
+    causal: bool = True
+    causal_step: int = 224
+    device: str = "cpu"
+    threads: int | None = None  # torch threads per task; None: leave the process's setting
+
+    #: The options that decide the maps: a resumed run must match them.
+    MAP_KEYS = ("dataset", "split", "n_images", "seed", "shard_size", "models", "methods",
+                "method_options")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models", tuple(
+            m if isinstance(m, ModelSpec) else ModelSpec(**m) for m in self.models))
+        object.__setattr__(self, "methods", tuple(self.methods))
+        if self.dataset not in DATASETS:
+            raise ShapCAMError(f"unknown dataset {self.dataset!r}; use one of "
+                               f"{', '.join(DATASETS)}")
+        if self.protocol not in VARIANTS:
+            raise ShapCAMError(f"unknown protocol {self.protocol!r}; use one of "
+                               f"{', '.join(VARIANTS)}")
+        if self.shard_size < 1:
+            raise ShapCAMError(f"--shard-size must be >= 1, got {self.shard_size}")
+        if self.n_images is not None and self.n_images < 1:
+            raise ShapCAMError(f"--n-images must be >= 1, got {self.n_images}")
+        if self.threads is not None and self.threads < 1:
+            raise ShapCAMError(f"--threads must be >= 1, got {self.threads}")
+        if not self.methods or not self.models:
+            raise ShapCAMError("a run needs at least one method and one model")
+        for m in self.methods:
+            if m not in METHODS:
+                raise ShapCAMError(f"unknown method {m!r}; available: {', '.join(METHODS)}")
+        for m, options in self.method_options.items():
+            if m not in self.methods:
+                raise ShapCAMError(f"options for {m}, which this run does not compute")
+            check_options(m, options)
+
+    @classmethod
+    def build(cls, *, methods: str | tuple[str, ...] = ALL_METHODS,
+              models: str | tuple[ModelSpec, ...] = (ModelSpec(),), preset: str = "paper",
+              settings: list[str] | None = None, root: Any = None, **fields: Any) -> RunConfig:
+        """From command-line style values: comma-separated ``methods`` and ``models``
+        (``NAME[:WEIGHTS]``), a ``preset`` name and ``--set METHOD.KEY=VALUE`` items."""
+        names = tuple(m.strip() for m in methods.split(",") if m.strip()) if isinstance(
+            methods, str) else tuple(methods)
+        specs = tuple(ModelSpec.parse(t) for t in models.split(",")) if isinstance(
+            models, str) else tuple(models)
+        for m in names:  # before --set, so an unknown method is named as such
+            if m not in METHODS:
+                raise ShapCAMError(f"unknown method {m!r}; available: {', '.join(METHODS)}")
+        options, step = resolve_preset(preset, list(names), parse_settings(settings, names))
+        return cls(methods=names, models=specs, preset=preset, method_options=options,
+                   causal_step=step, root=str(root) if root is not None else None, **fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: Prefect parameters and the store's ``config`` attribute."""
+        d = dataclasses.asdict(self)
+        d["models"] = [dataclasses.asdict(m) for m in self.models]
+        d["methods"] = list(self.methods)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Inverse of :meth:`to_dict`; also reads configs stored by earlier versions."""
+        d = _known(cls, data, "run config")
+        d["models"] = tuple(ModelSpec(**m) for m in d.get("models", [dataclasses.asdict(
+            ModelSpec())]))
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    def map_options(self) -> dict[str, Any]:
+        d = self.to_dict()
+        return {k: d[k] for k in self.MAP_KEYS}
+
+    def changed_map_options(self, other: RunConfig) -> list[str]:
+        """The map-deciding options in which ``other`` differs from this config."""
+        mine, theirs = self.map_options(), other.map_options()
+        return [k for k in self.MAP_KEYS if mine[k] != theirs[k]]
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()
+                              ).hexdigest()[:16]
+
+    def options_for(self, method: str) -> dict[str, Any]:
+        return self.method_options.get(method, {})
+
+    @property
+    def causal_pixels(self) -> int | None:
+        """Pixels per deletion/insertion step, None when the causal metrics are off."""
+        return self.causal_step if self.causal else None
+
+
+@dataclass(frozen=True)
+class DistillSpec:
+    """Paper Table 4 (``shapcam distill``): data, the schedule, the losses, the variants."""
+
+    dataset: str = "cifar10"
+    root: str | None = None
+    limit: int | None = None
+    seed: int = 0
+    teacher: str = "wrn-40-2"
+    student: str = "wrn-16-2"
+    teacher_checkpoint: str | None = None
+    epochs: int = 200
+    teacher_epochs: int | None = None  # None: ``epochs``
+    lr: float = 0.1
+    batch_size: int = 128
+    alpha: float = 1.0
+    temperature: float = 4.0
+    permutations: int = 16
+    scorecam_channels: int = 8
+    teacher_scorecam_channels: int | None = None  # None: every channel
+    variants: str = "all"
+    device: str = "cpu"
+    threads: int = 1
+    teacher_threads: int | None = None  # None: ``threads``
+
+    def __post_init__(self) -> None:
+        from shapcam.training.distillation import parse_variants
+
+        if self.dataset not in ("cifar10", "digits"):
+            raise ShapCAMError(f"unknown dataset {self.dataset!r}; use cifar10 or digits")
+        if self.dataset == "cifar10" and self.root is None:
+            raise ShapCAMError("--root is required for cifar10 (the folder holding "
+                               "cifar-10-batches-py); or use --dataset digits offline")
+        try:
+            parse_variants(self.variants)
+        except ValueError as exc:
+            raise ShapCAMError(str(exc)) from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DistillSpec:
+        return cls(**_known(cls, data, "distill spec"))
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """Fine-tuning on VOC2007 (``shapcam finetune-voc``): SGD with a step schedule at 60% and
+    80% of the epochs."""
+
+    root: str
+    model: str = "vgg16"
+    weights: str = "DEFAULT"
+    epochs: int = 20
+    lr: float = 0.01
+    batch_size: int = 32
+    train_split: str = "trainval"
+    test_split: str = "test"
+    limit: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneSpec:
+        return cls(**_known(cls, data, "fine-tuning spec"))
