@@ -1,4 +1,6 @@
-"""Shap-CAM: Shapley-value class activation maps (Zheng et al., ECCV 2022) and its baselines.
+"""Shap-CAM: Shapley-value class activation maps (Zheng et al., ECCV 2022) and its baselines,
+the science layer: models and their trunk/head split, Shapley estimators, the six methods,
+metrics, dataset readers, training science. Pure PyTorch and numpy; no Prefect, Dask, Zarr.
 
     from shapcam import ShapCAM, load_model
     lm = load_model("mobilenet_v2", "IMAGENET1K_V1")
@@ -7,6 +9,7 @@
 
 from .errors import ShapCAMError
 from .methods import (
+    METHOD_TITLES,
     METHODS,
     RISE,
     CAMMethod,
@@ -16,6 +19,8 @@ from .methods import (
     MeaningfulPerturbation,
     ScoreCAM,
     ShapCAM,
+    build_method,
+    method_options,
 )
 from .models import LoadedModel, load_model, preprocess_transform
 from .shapley import ShapleyResult, block_groups, exact_shapley, permutation_shapley
@@ -24,8 +29,9 @@ from .split import split_model
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "RISE", "CAMMethod", "GradCAM", "GradCAMPlusPlus", "MeaningfulPerturbation",
-    "ScoreCAM", "CAMResult", "LoadedModel", "ShapCAM", "ShapCAMError",
-    "ShapleyResult", "block_groups", "exact_shapley", "load_model", "permutation_shapley",
+    "METHODS", "METHOD_TITLES", "RISE", "CAMMethod", "GradCAM", "GradCAMPlusPlus",
+    "MeaningfulPerturbation", "ScoreCAM", "CAMResult", "LoadedModel", "ShapCAM", "ShapCAMError",
+    "ShapleyResult", "block_groups", "build_method", "exact_shapley", "load_model",
+    "method_options", "permutation_shapley",
     "preprocess_transform", "split_model",
 ]
