@@ -58,6 +58,16 @@ def _wait_healthy(proc: subprocess.Popen, url: str, log: str, timeout: float) ->
         time.sleep(0.5)
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL if ``proc`` has not exited within ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextlib.contextmanager
 def local_prefect_server(timeout: float = 180.0) -> Iterator[str]:
     """Start ``prefect server start`` on 127.0.0.1 (API and UI), yield its URL, stop it.
@@ -79,11 +89,7 @@ def local_prefect_server(timeout: float = 180.0) -> Iterator[str]:
         _wait_healthy(proc, url, log.name, timeout)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         log.close()
 
 

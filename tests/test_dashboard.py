@@ -221,11 +221,9 @@ def test_dashboard_in_a_browser(runs, browser, tmp_path, screenshot_dir, clean_c
         browser.save_screenshot(str(screenshot_dir / "dashboard.png"))
         assert (screenshot_dir / "dashboard.png").stat().st_size > 20_000
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        from flows.runtime import stop_process
+
+        stop_process(proc)
 
 
 class _Wait:
