@@ -18,7 +18,7 @@ from typing import Any
 
 from shapcam.data import DATASETS
 from shapcam.errors import ShapCAMError
-from shapcam.methods import METHODS, check_options
+from shapcam.methods import METHODS, check_options, method_class
 from shapcam.metrics import VARIANTS
 from shapcam.presets import resolve_preset
 
@@ -147,8 +147,7 @@ class RunConfig:
         if not self.methods or not self.models:
             raise ShapCAMError("a run needs at least one method and one model")
         for m in self.methods:
-            if m not in METHODS:
-                raise ShapCAMError(f"unknown method {m!r}; available: {', '.join(METHODS)}")
+            method_class(m)  # an unknown name is an error listing the registry
         for m, options in self.method_options.items():
             if m not in self.methods:
                 raise ShapCAMError(f"options for {m}, which this run does not compute")
@@ -165,8 +164,7 @@ class RunConfig:
         specs = tuple(ModelSpec.parse(t) for t in models.split(",")) if isinstance(
             models, str) else tuple(models)
         for m in names:  # before --set, so an unknown method is named as such
-            if m not in METHODS:
-                raise ShapCAMError(f"unknown method {m!r}; available: {', '.join(METHODS)}")
+            method_class(m)
         options, step = resolve_preset(preset, list(names), parse_settings(settings, names))
         return cls(methods=names, models=specs, preset=preset, method_options=options,
                    causal_step=step, root=str(root) if root is not None else None, **fields)
@@ -211,8 +209,19 @@ class RunConfig:
         return self.causal_step if self.causal else None
 
 
+class _Spec:
+    """``to_dict`` / ``from_dict`` of a flat spec dataclass (Prefect parameters)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        return cls(**_known(cls, data, cls.__name__))
+
+
 @dataclass(frozen=True)
-class DistillSpec:
+class DistillSpec(_Spec):
     """Paper Table 4 (``shapcam distill``): data, the schedule, the losses, the variants."""
 
     dataset: str = "cifar10"
@@ -249,16 +258,10 @@ class DistillSpec:
         except ValueError as exc:
             raise ShapCAMError(str(exc)) from exc
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DistillSpec:
-        return cls(**_known(cls, data, "distill spec"))
 
 
 @dataclass(frozen=True)
-class FinetuneSpec:
+class FinetuneSpec(_Spec):
     """Fine-tuning on VOC2007 (``shapcam finetune-voc``): SGD with a step schedule at 60% and
     80% of the epochs."""
 
@@ -275,9 +278,3 @@ class FinetuneSpec:
     device: str = "cpu"
     threads: int = 1
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FinetuneSpec:
-        return cls(**_known(cls, data, "fine-tuning spec"))
