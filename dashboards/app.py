@@ -21,6 +21,8 @@ from storage import Run, StorageError
 
 PAGE = 25  # image rows per page of the image table
 MAX_DISAGREEMENT = 1000  # images ranked by map disagreement at most (2 maps read per image)
+SQL_MAX_ROWS = 10_000  # rows a query shows (the page must stay responsive)
+SQL_TIMEOUT = 30.0  # seconds before a query is interrupted
 
 
 def _args() -> argparse.Namespace:
@@ -177,18 +179,26 @@ def per_class(table: pd.DataFrame, methods: list[str], titles: dict[str, str]) -
 
 def sql_box(run: Run) -> None:
     st.subheader("SQL (DuckDB over metrics, manifest, summary)")
-    query = st.text_area("Query", "select method, count(*) as images, avg(avg_drop) as "
-                         "avg_drop, avg(insertion) as insertion from metrics group by method "
-                         "order by method", key="sql")
-    if st.button("Run query", key="run_sql"):
-        try:
-            result = run.sql(query)
-        except StorageError as exc:
-            st.error(str(exc))
-            return
-        st.dataframe(result, hide_index=True, use_container_width=True)
-        st.download_button("Download CSV", result.to_csv(index=False), "query.csv",
-                           "text/csv", key="csv")
+    st.caption(f"Read-only: queries see this run's tables and nothing else (no files, URLs, "
+               f"extensions or settings); at most {SQL_MAX_ROWS:,} rows, {SQL_TIMEOUT:g} s.")
+    with st.form("sql_form"):
+        query = st.text_area("Query", "select method, count(*) as images, avg(avg_drop) as "
+                             "avg_drop, avg(insertion) as insertion from metrics group by "
+                             "method order by method", key="sql")
+        submitted = st.form_submit_button("Run query")
+    if not submitted:
+        return
+    st.caption(f"ran: {query}")
+    try:
+        result = run.sql(query, max_rows=SQL_MAX_ROWS, timeout=SQL_TIMEOUT)
+    except StorageError as exc:
+        st.error(str(exc))
+        return
+    if result.attrs.get("truncated"):
+        st.warning(f"showing the first {SQL_MAX_ROWS:,} rows")
+    st.dataframe(result, hide_index=True, use_container_width=True)
+    st.download_button("Download CSV", result.to_csv(index=False), "query.csv",
+                       "text/csv", key="csv")
 
 
 def main() -> None:

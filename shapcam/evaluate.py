@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .data.records import ImageRecord, load_example, localisation_filter
+from .data.records import ImageRecord, load_example, pointing_status
 from .errors import ShapCAMError
 from .methods import METHOD_TITLES, CAMMethod, build_method
 from .metrics import confidence_metrics, deletion_insertion, energy_pointing_game
@@ -30,9 +30,19 @@ TABLE_ROWS: tuple[tuple[str, str, str], ...] = (
     ("Insertion AUC (higher)", "insertion", "mean"),
 )
 
+#: Image counts of the pointing game under the table: (row label, key of the summary table).
+POINTING_COUNTS: tuple[tuple[str, str], ...] = (
+    ("Pointing game: images scored (one box, < 50%)", "proportion_images"),
+    ("Pointing game: left out, no box of the class", "pointing_no_box"),
+)
+
+#: Whose box the pointing game uses: the explained class (the paper) or the ground truth.
+PG_CLASSES = ("target", "label")
+
+
 def image_seed(seed: int, image_id: str) -> int:
-    """The Shap-CAM seed of one image: fixed by the run seed and the image id alone, so a map
-    does not depend on how the dataset was sharded or batched."""
+    """The seed of one image (Shap-CAM's orders, deletion/insertion tie-breaking): fixed by the
+    run seed and the image id alone, so results do not depend on sharding or batching."""
     return (seed * 1_000_003 + zlib.crc32(image_id.encode())) % 2**31
 
 
@@ -56,6 +66,7 @@ class MetricRow:
     avg_drop: float = math.nan
     increase: float = math.nan
     proportion: float = math.nan  # NaN unless the image passes the localisation filter
+    pointing: str = ""  # pointing-game status (records.POINTING_STATUSES); "" not evaluated
     deletion: float = math.nan
     insertion: float = math.nan
     seconds: float = math.nan
@@ -74,12 +85,14 @@ def evaluate_records(
     causal: bool = True,
     causal_step: int = 224,
     seed: int = 0,
+    pg_class: str = "target",
     progress: Callable[[int], None] | None = None,
 ) -> list[MetricRow]:
     """Explain and evaluate ``records`` with each method; per-image failures become rows with
-    ``error`` set and the run goes on."""
+    ``error`` set and the run goes on. ``pg_class``: whose box the pointing game uses."""
     if target not in ("predicted", "label"):
         raise ShapCAMError(f"target must be 'predicted' or 'label', got {target!r}")
+    check_pg_class(pg_class)
     options = method_options or {}
     cams: dict[str, CAMMethod] = {m: build_method(m, lm, options.get(m)) for m in methods}
     rows: list[MetricRow] = []
@@ -100,7 +113,7 @@ def evaluate_records(
             targets = labels if target == "label" else None
             for name, cam in cams.items():
                 rows += _evaluate_batch(cam, name, lm, ok, x, targets, protocol,
-                                        causal_step if causal else None, seed)
+                                        causal_step if causal else None, seed, pg_class)
         if progress is not None:
             progress(len(chunk))
     return rows
@@ -108,7 +121,7 @@ def evaluate_records(
 
 def _evaluate_batch(cam: CAMMethod, name: str, lm: LoadedModel, ok, x: torch.Tensor,
                     targets: torch.Tensor | None, protocol: str, causal_step: int | None,
-                    seed: int) -> list[MetricRow]:
+                    seed: int, pg_class: str) -> list[MetricRow]:
     t0 = time.perf_counter()
     kwargs = {"seeds": [image_seed(seed, r.image_id) for r, _, _ in ok]} if name == "shapcam" \
         else {}
@@ -121,31 +134,38 @@ def _evaluate_batch(cam: CAMMethod, name: str, lm: LoadedModel, ok, x: torch.Ten
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - t0) / x.shape[0]
     return score_maps(lm.model, x, stored_precision(result.maps), result.targets,
-                      [(r, b) for r, _, b in ok], name, protocol, causal_step, seconds)
+                      [(r, b) for r, _, b in ok], name, protocol, causal_step, seconds,
+                      seed=seed, pg_class=pg_class)
 
 
 def score_maps(model: torch.nn.Module, x: torch.Tensor, maps: torch.Tensor,
                targets: torch.Tensor,
                examples: Sequence[tuple[ImageRecord, dict[int, torch.Tensor]]],
                method: str, protocol: str, causal_step: int | None,
-               seconds: float) -> list[MetricRow]:
+               seconds: float, *, seed: int = 0, pg_class: str = "target") -> list[MetricRow]:
     """Every metric of one batch of maps; ``examples`` pairs each record with its boxes per
     class in the input frame (as :func:`~shapcam.data.load_example` returns them).
-    ``causal_step``: pixels per deletion/insertion step (None: no causal metrics)."""
+    ``causal_step``: pixels per deletion/insertion step (None: no causal metrics); ``seed``:
+    the run seed (deletion/insertion ties, per image); ``pg_class``: whose box the pointing
+    game uses, the explained class (``"target"``) or the ground truth (``"label"``)."""
+    check_pg_class(pg_class)
     conf = confidence_metrics(model, x, maps, targets, protocol)
-    boxes = [b.get(int(t), torch.zeros(0, 4)) for (_, b), t in zip(examples, targets.tolist(),
-                                                                  strict=True)]
+    classes = [int(t) if pg_class == "target" else rec.label
+               for (rec, _), t in zip(examples, targets.tolist(), strict=True)]
+    boxes = [b.get(c, torch.zeros(0, 4)) for (_, b), c in zip(examples, classes, strict=True)]
     energy = energy_pointing_game(maps, boxes)
-    di = (deletion_insertion(model, x, maps, targets, step=causal_step)
+    di = (deletion_insertion(model, x, maps, targets, step=causal_step,
+                             seeds=[image_seed(seed, rec.image_id) for rec, _ in examples])
           if causal_step is not None else None)
     rows = []
     for i, (rec, _) in enumerate(examples):
         t = int(targets[i])
+        status = pointing_status(rec, classes[i])
         rows.append(MetricRow(
             rec.image_id, method, protocol, target=t, label=rec.label,
             y=float(conf["y"][i]), o=float(conf["o"][i]), avg_drop=float(conf["avg_drop"][i]),
             increase=float(conf["increase"][i]),
-            proportion=float(energy[i]) if localisation_filter(rec, t) else math.nan,
+            proportion=float(energy[i]) if status == "scored" else math.nan, pointing=status,
             deletion=float(di["deletion"][i]) if di else math.nan,
             insertion=float(di["insertion"][i]) if di else math.nan, seconds=seconds))
     return rows
@@ -172,10 +192,18 @@ def summary_table(rows: Sequence[MetricRow], methods: Sequence[str]) -> dict[str
     table["proportion_images"] = {
         m: sum(1 for r in rows if r.method == m and not math.isnan(r.proportion))
         for m in methods}
+    table["pointing_no_box"] = {  # explained images left out: no box of the game's class
+        m: sum(1 for r in rows if r.method == m and r.error is None and r.pointing == "no box")
+        for m in methods}
     table["seconds_per_image"] = {
         m: (sum(r.seconds for r in rows if r.method == m and r.error is None)
             / max(1, table["images"][m])) for m in methods}
     return table
+
+
+def check_pg_class(pg_class: str) -> None:
+    if pg_class not in PG_CLASSES:
+        raise ShapCAMError(f"pg_class must be one of {', '.join(PG_CLASSES)}, got {pg_class!r}")
 
 
 def rows_as_dicts(rows: Sequence[MetricRow]) -> list[dict[str, Any]]:

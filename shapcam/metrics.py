@@ -16,8 +16,11 @@ variant; results carry it so tables never mix variants.
 - Deletion / insertion AUC (Petsiuk et al. 2018): pixels are removed (inserted) in decreasing
   saliency order, ``step`` per step; deletion replaces them by 0 (black), insertion starts from
   a Gaussian-blurred image (kernel 11, sigma 5) and restores them; the score is the softmax
-  probability of ``c`` after each step; AUC by the trapezoidal rule on [0, 1].
+  probability of ``c`` after each step; AUC by the trapezoidal rule on [0, 1]. Pixels of equal
+  saliency (the zero plateaus of ReLU'd maps) are taken in a seeded random order, not row by
+  row: raster order would delete the top of the image first and bias sparse maps' AUCs.
 """
+
 
 from __future__ import annotations
 
@@ -139,6 +142,21 @@ def gaussian_blur(x: torch.Tensor, kernel: int = 11, sigma: float = 5.0,
     return F.conv2d(out, g.view(1, 1, -1, 1).expand(C, 1, -1, 1), padding=pad_y, groups=C)
 
 
+def saliency_order(maps: torch.Tensor, seeds: Sequence[int] | int = 0) -> torch.Tensor:
+    """Pixel indices of each map in decreasing saliency, ``(B, H * W)``; ties are broken by a
+    random permutation seeded per image (``seeds``: one per image, or one for all), so the
+    order depends on the map and the seed only, not on the pixel's position."""
+    B = maps.shape[0]
+    flat = maps.reshape(B, -1)
+    seeds = [seeds] * B if isinstance(seeds, int) else list(seeds)
+    if len(seeds) != B:
+        raise ShapCAMError(f"got {len(seeds)} seeds for {B} maps")
+    perms = torch.stack([torch.randperm(flat.shape[1], generator=torch.Generator().manual_seed(
+        int(s))) for s in seeds]).to(flat.device)
+    # sorting the shuffled values stably keeps equal values in the shuffled order
+    return perms.gather(1, flat.gather(1, perms).argsort(dim=1, descending=True, stable=True))
+
+
 def auc(curve: torch.Tensor) -> torch.Tensor:
     """Trapezoidal area under ``curve (..., T + 1)`` sampled evenly on [0, 1]."""
     n = curve.shape[-1] - 1
@@ -147,8 +165,10 @@ def auc(curve: torch.Tensor) -> torch.Tensor:
 
 def causal_curves(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
                   mode: Literal["deletion", "insertion"], step: int = 224,
-                  batch_size: int | None = None) -> torch.Tensor:
-    """Probability of the target after each step: ``(B, ceil(H * W / step) + 1)``."""
+                  batch_size: int | None = None, seeds: Sequence[int] | int = 0
+                  ) -> torch.Tensor:
+    """Probability of the target after each step: ``(B, ceil(H * W / step) + 1)``; ``seeds``
+    break ties in the saliency order (:func:`saliency_order`)."""
     if mode not in ("deletion", "insertion"):
         raise ShapCAMError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
     B, _, H, W = x.shape
@@ -158,8 +178,8 @@ def causal_curves(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets
         start, finish = x01, torch.zeros_like(x01)
     else:
         start, finish = gaussian_blur(x01), x01
-    # rank[p] = position of pixel p in decreasing saliency order (ties by index: stable).
-    order = maps.reshape(B, -1).argsort(dim=1, descending=True, stable=True)
+    # rank[p] = position of pixel p in decreasing saliency order
+    order = saliency_order(maps, seeds)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(H * W, device=x.device).expand(B, -1))
     rank = rank.view(B, 1, H, W)
@@ -177,10 +197,11 @@ def causal_curves(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets
 
 
 def deletion_insertion(model: nn.Module, x: torch.Tensor, maps: torch.Tensor,
-                       targets: torch.Tensor, step: int = 224, batch_size: int | None = None
-                       ) -> dict[str, torch.Tensor]:
-    """Per-image deletion and insertion AUC (lower deletion, higher insertion is better)."""
+                       targets: torch.Tensor, step: int = 224, batch_size: int | None = None,
+                       seeds: Sequence[int] | int = 0) -> dict[str, torch.Tensor]:
+    """Per-image deletion and insertion AUC (lower deletion, higher insertion is better);
+    ``seeds`` (per image, or one for all) break ties in the saliency order."""
     targets = targets.to(x.device).long()
     maps = maps.to(x.device)
-    return {mode: auc(causal_curves(model, x, maps, targets, mode, step, batch_size))
+    return {mode: auc(causal_curves(model, x, maps, targets, mode, step, batch_size, seeds))
             for mode in ("deletion", "insertion")}

@@ -158,43 +158,118 @@ class Run:
                           filesystem=fs, exclude_invalid_files=True)
         return ds.to_table().to_pandas().sort_values(["config", "epoch"]).reset_index(drop=True)
 
-    def sql(self, query: str) -> pd.DataFrame:
-        """Run SQL with DuckDB over the views ``metrics``, ``manifest`` and ``summary``."""
+    def sql(self, query: str, *, max_rows: int | None = None,
+            timeout: float | None = None) -> pd.DataFrame:
+        """Run one SQL query (DuckDB dialect) over the run's tables, in a sandbox.
+
+        The tables ``metrics``, ``manifest``, ``summary`` and ``training`` (those the run has)
+        are copied into an in-memory database; then DuckDB's own settings shut everything else:
+        no file or URL access (``read_csv``, ``glob``, ``COPY``, ``ATTACH`` of a file,
+        ``EXPORT``), no extension installed or loaded, no spilling to disk, and the
+        configuration locked (``SET``, ``RESET`` and setting ``PRAGMA`` s fail). Refusals are
+        :class:`StorageError` with DuckDB's one-line reason. ``max_rows`` caps the rows
+        returned (the frame's ``attrs["truncated"]`` says whether more existed); ``timeout``
+        (seconds) interrupts a long query. The dashboard uses both.
+        """
+        import threading
+
         import duckdb
 
-        con = duckdb.connect()
-        loc = self.location
+        con = self._sandbox()
+        timer = threading.Timer(timeout, con.interrupt) if timeout else None
         try:
-            if loc.local:  # DuckDB scans the files itself
-                if loc.isdir("metrics"):
-                    con.execute("create view metrics as select * from read_parquet("
-                                f"'{loc.path('metrics', '**', '*.parquet')}', "
-                                "hive_partitioning=true, union_by_name=true)")
-                if loc.exists("manifest.parquet"):
-                    con.execute("create view manifest as select * from read_parquet("
-                                f"'{loc.path('manifest.parquet')}')")
-                if loc.glob("summary-*.parquet"):
-                    con.execute("create view summary as select * from read_parquet("
-                                f"'{loc.path('summary-*.parquet')}')")
-            else:  # remote: read with pyarrow through fsspec, hand DuckDB the Arrow tables
-                import pyarrow.parquet as pq
-
-                if loc.isdir("metrics"):
-                    con.register("metrics", self._metrics_dataset().to_table())
-                if loc.exists("manifest.parquet"):
-                    con.register("manifest", pq.read_table(loc.path("manifest.parquet"),
-                                                           filesystem=loc.fs))
-                summaries = loc.glob("summary-*.parquet")
-                if summaries:
-                    import pyarrow as pa
-
-                    con.register("summary", pa.concat_tables(
-                        [pq.read_table(p, filesystem=loc.fs) for p in summaries]))
-            return con.execute(query).df()
+            if timer is not None:
+                timer.start()
+            rel = con.sql(query)
+            if rel is None:  # a statement without a result (CREATE, ...): in memory only
+                return pd.DataFrame()
+            df = rel.df() if max_rows is None else rel.limit(max_rows + 1).df()
+            truncated = max_rows is not None and len(df) > max_rows
+            if truncated:
+                df = df.iloc[:max_rows]
+            df.attrs["truncated"] = truncated
+            return df
+        except duckdb.InterruptException as exc:
+            raise StorageError(f"query stopped after {timeout:g} s on {self.root}") from exc
         except duckdb.Error as exc:
-            raise StorageError(f"query failed on {self.root}: {exc}") from exc
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if isinstance(exc, duckdb.PermissionException) or "has been locked" in first:
+                raise StorageError(f"query refused on {self.root}: {first} (queries see only "
+                                   f"the run's tables: {', '.join(SQL_TABLES)})") from exc
+            raise StorageError(f"query failed on {self.root}: {first}") from exc
         finally:
+            if timer is not None:
+                timer.cancel()
             con.close()
+
+    def _sandbox(self):
+        """An in-memory DuckDB holding copies of the run's tables, locked down."""
+        import duckdb
+
+        con = duckdb.connect(":memory:")
+        try:
+            for name, table in self._sql_sources(con):
+                if table is not None:  # remote: read with pyarrow through fsspec
+                    con.register(f"_{name}_arrow", table)
+                    con.execute(f"create table {name} as select * from _{name}_arrow")
+                    con.unregister(f"_{name}_arrow")
+            for setting in _SANDBOX:
+                con.execute(setting)
+        except duckdb.Error as exc:
+            con.close()
+            raise StorageError(f"cannot read the tables of {self.root}: {exc}") from exc
+        return con
+
+    def _sql_sources(self, con) -> list[tuple[str, Any]]:
+        """Local runs: DuckDB reads the Parquet files itself into tables (before the lock);
+        remote runs: Arrow tables to copy."""
+        loc = self.location
+        files = {"metrics": (loc.isdir("metrics"), ("metrics", "**", "*.parquet")),
+                 "manifest": (loc.exists("manifest.parquet"), ("manifest.parquet",)),
+                 "summary": (bool(loc.glob("summary-*.parquet")), ("summary-*.parquet",)),
+                 "training": (loc.isdir("training"), ("training", "**", "*.parquet"))}
+        out: list[tuple[str, Any]] = []
+        for name, (present, parts) in files.items():
+            if not present:
+                continue
+            if loc.local:
+                path = loc.path(*parts).replace("'", "''")
+                hive = ", hive_partitioning=true" if name in ("metrics", "training") else ""
+                con.execute(f"create table {name} as select * from read_parquet('{path}'"
+                            f"{hive}, union_by_name=true)")
+                out.append((name, None))
+            else:
+                out.append((name, self._arrow_table(name)))
+        return out
+
+    def _arrow_table(self, name: str):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        loc = self.location
+        if name == "metrics":
+            return self._metrics_dataset().to_table()
+        if name == "training":
+            return pa.Table.from_pandas(self.training(), preserve_index=False)
+        paths = loc.glob("summary-*.parquet") if name == "summary" else [
+            loc.path("manifest.parquet")]
+        return pa.concat_tables([pq.read_table(p, filesystem=loc.fs) for p in paths])
+
+
+#: The tables a query sees (those the run has).
+SQL_TABLES = ("metrics", "manifest", "summary", "training")
+
+#: Order matters: the temp directory can only be cleared while external access is on, and the
+#: lock comes last.
+_SANDBOX = (
+    "set temp_directory = ''",  # never spill to disk
+    "set memory_limit = '2GB'",
+    "set enable_external_access = false",  # files, URLs, COPY, ATTACH of files, EXPORT
+    "set autoinstall_known_extensions = false",
+    "set autoload_known_extensions = false",
+    "set allow_community_extensions = false",
+    "set lock_configuration = true",  # SET / RESET / PRAGMA settings refused from here on
+)
 
 
 def _partition_schema():

@@ -35,6 +35,7 @@ METRICS_SCHEMA = pa.schema([
     ("avg_drop", pa.float64()),
     ("increase", pa.float64()),
     ("proportion", pa.float64()),
+    ("pointing", pa.string()),  # pointing-game status: scored, no box, filtered, unannotated
     ("deletion", pa.float64()),
     ("insertion", pa.float64()),
     ("seconds", pa.float64()),

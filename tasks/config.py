@@ -18,6 +18,7 @@ from typing import Any
 
 from shapcam.data import DATASETS
 from shapcam.errors import ShapCAMError
+from shapcam.evaluate import PG_CLASSES
 from shapcam.methods import METHODS, check_options, method_class
 from shapcam.metrics import VARIANTS
 from shapcam.presets import resolve_preset
@@ -121,12 +122,14 @@ class RunConfig:
     protocol: str = "scorecam"
     causal: bool = True
     causal_step: int = 224
+    pg_class: str = "target"  # whose box the pointing game uses: "target" (paper) or "label"
     device: str = "cpu"
     threads: int | None = None  # torch threads per task; None: leave the process's setting
 
-    #: The options that decide the maps: a resumed run must match them.
+    #: The options that decide the maps (and the pointing game's class, which decides stored
+    #: per-image metrics): a resumed run must match them.
     MAP_KEYS = ("dataset", "split", "n_images", "seed", "shard_size", "models", "methods",
-                "method_options")
+                "method_options", "pg_class")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(
@@ -138,6 +141,9 @@ class RunConfig:
         if self.protocol not in VARIANTS:
             raise ShapCAMError(f"unknown protocol {self.protocol!r}; use one of "
                                f"{', '.join(VARIANTS)}")
+        if self.pg_class not in PG_CLASSES:
+            raise ShapCAMError(f"unknown --pg-class {self.pg_class!r}; use one of "
+                               f"{', '.join(PG_CLASSES)}")
         if self.shard_size < 1:
             raise ShapCAMError(f"--shard-size must be >= 1, got {self.shard_size}")
         if self.n_images is not None and self.n_images < 1:
@@ -238,8 +244,7 @@ class DistillSpec(_Spec):
     alpha: float = 1.0
     temperature: float = 4.0
     permutations: int = 16
-    scorecam_channels: int = 8
-    teacher_scorecam_channels: int | None = None  # None: every channel
+    scorecam_channels: int | None = 16  # teacher and student alike; None: every channel
     variants: str = "all"
     device: str = "cpu"
     threads: int = 1
@@ -257,6 +262,9 @@ class DistillSpec(_Spec):
             parse_variants(self.variants)
         except ValueError as exc:
             raise ShapCAMError(str(exc)) from exc
+        if self.scorecam_channels is not None and self.scorecam_channels < 1:
+            raise ShapCAMError(f"scorecam_channels must be >= 1 or None (every channel), got "
+                               f"{self.scorecam_channels}")
 
 
 

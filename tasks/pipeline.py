@@ -22,7 +22,13 @@ import torch
 from shapcam.cpu import tune_allocator
 from shapcam.data import ImageRecord, draw_records, load_example, open_dataset
 from shapcam.errors import ShapCAMError
-from shapcam.evaluate import MetricRow, image_seed, score_maps, summary_table
+from shapcam.evaluate import (
+    POINTING_COUNTS,
+    MetricRow,
+    image_seed,
+    score_maps,
+    summary_table,
+)
 from shapcam.methods import METHOD_TITLES, CAMMethod, build_method
 from shapcam.models import INPUT_SIZE, LoadedModel, load_model
 from storage import (
@@ -39,7 +45,7 @@ from storage.tables import metrics_exist
 from .config import ModelSpec, RunConfig
 
 _METRIC_COLUMNS = ("image_id", "target", "label", "protocol", "y", "o", "avg_drop", "increase",
-                   "proportion", "deletion", "insertion", "seconds")
+                   "proportion", "pointing", "deletion", "insertion", "seconds")
 _MODELS: dict[tuple[str, str, str | None, str], LoadedModel] = {}
 _METHODS: dict[tuple[Any, ...], CAMMethod] = {}
 
@@ -240,7 +246,8 @@ def evaluate_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int
             tg = torch.from_numpy(targets[idx].astype(np.int64)).to(lm.device)
             secs = shard_record.get("seconds", {}).get(m, math.nan)
             for r in score_maps(lm.model, x, maps, tg, [(rec, b) for _, rec, b, _ in good], m,
-                                protocol, config.causal_pixels, secs):
+                                protocol, config.causal_pixels, secs, seed=config.seed,
+                                pg_class=config.pg_class):
                 row = {k: getattr(r, k) for k in _METRIC_COLUMNS}
                 # Not applicable is NULL in the tables (SQL aggregates skip it; NaN would not).
                 rows.append({k: None if isinstance(v, float) and math.isnan(v) and
@@ -266,6 +273,7 @@ def aggregate(run_dir: str, config: RunConfig) -> dict[str, Any]:
             clean = {k: (math.nan if v is None or (isinstance(v, float) and math.isnan(v))
                          else v) for k, v in r.items() if k in fields}
             clean["error"] = r["error"] if isinstance(r.get("error"), str) else None
+            clean["pointing"] = r["pointing"] if isinstance(r.get("pointing"), str) else ""
             rows.append(MetricRow(**{k: clean.get(k, MetricRow.__dataclass_fields__[k].default)
                                      for k in fields}))
         table = summary_table(rows, config.methods)
@@ -276,6 +284,11 @@ def aggregate(run_dir: str, config: RunConfig) -> dict[str, Any]:
                                      "model": name, "method": m, "protocol": config.protocol,
                                      "metric": row["metric"], "value": value,
                                      "images": table["images"][m]})
+        for label, key in POINTING_COUNTS:  # the dashboard's table shows them too
+            summary_rows += [{"run_id": run_id, "dataset": config.dataset, "model": name,
+                              "method": m, "protocol": config.protocol, "metric": label,
+                              "value": float(n), "images": table["images"][m]}
+                             for m, n in table[key].items()]
     write_summary(run_dir, summary_rows, config.protocol)
     return tables
 

@@ -12,6 +12,7 @@ import html
 from typing import Any
 
 from dashboards import render
+from shapcam.evaluate import POINTING_COUNTS
 from storage import StorageError, open_run
 from storage.location import Location
 
@@ -22,8 +23,12 @@ EXAMPLES = 4  # images per model in report.html
 
 def paper_table(table: dict[str, Any], caption: str) -> render.Table:
     """A summary table of :func:`shapcam.evaluate.summary_table` (metrics as rows, methods
-    as columns) with its seconds-per-image row; AUCs with 3 decimals, the rest with 2."""
+    as columns) with the pointing game's image counts and the seconds-per-image row; AUCs with 3
+    decimals, the rest with 2."""
     rows = [[r["metric"], *r["values"]] for r in table["rows"]]
+    for label, key in POINTING_COUNTS:
+        if key in table:
+            rows.append([label, *(str(n) for n in table[key].values())])
     if "seconds_per_image" in table:
         rows.append(["seconds per image", *table["seconds_per_image"].values()])
     return render.Table(caption, ["metric", *table["columns"]], rows, digits=2,

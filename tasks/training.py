@@ -107,7 +107,7 @@ def teacher_maps_task(run_dir: str, run_id: str, spec: DistillSpec, method: str
     x = normalise(torch.from_numpy(data.train_x).permute(0, 3, 1, 2).float() / 255
                   ).to(spec.device)
     y = torch.from_numpy(data.train_y).to(spec.device)
-    options = ({"max_channels": spec.teacher_scorecam_channels} if method == "scorecam"
+    options = ({"max_channels": spec.scorecam_channels} if method == "scorecam"
                else {})
     maps = teacher_maps(teacher, method, x, y, **options).cpu().numpy()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -167,3 +167,49 @@ def test_every_method_runs_on_every_model(model_name, method, request):
 def test_minmax_of_a_constant_map_is_zero():
     m = minmax(torch.stack([torch.full((3, 3), 2.0), torch.arange(9.0).view(3, 3)]))
     assert m[0].eq(0).all() and m[1].min() == 0 and m[1].max() == 1
+
+
+class _BNDropoutCNN(torch.nn.Module):
+    """BatchNorm and dropout: a model whose outputs and buffers depend on its mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 6, 3, stride=4, padding=1), torch.nn.BatchNorm2d(6),
+            torch.nn.ReLU())
+        self.drop = torch.nn.Dropout(0.5)
+        self.fc = torch.nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)))
+
+
+_CHEAP = {"mask": {"iterations": 3}, "rise": {"n_masks": 16}, "shapcam": {"permutations": 4}}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_methods_leave_the_callers_model_mode_alone(method):
+    """Building or calling a method neither changes the caller's mode (a student explained
+    inside its training step keeps training) nor moves BatchNorm statistics; the call itself
+    explains the eval-mode model."""
+    from shapcam.methods import build_method
+
+    torch.manual_seed(0)
+    model = _BNDropoutCNN()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.train()(x)  # running statistics away from their initial values
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    want = build_method(method, model, _CHEAP.get(method), "features")(x, [1, 2]).raw
+    model.train()
+    cam = build_method(method, model, _CHEAP.get(method), "features")
+    assert all(m.training for m in model.modules()), "the constructor switched the mode"
+    got = cam(x, [1, 2]).raw
+    assert all(m.training for m in model.modules()), "the call did not restore the mode"
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, reference[k], msg=f"{k} changed")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    model.eval()
+    cam(x, [1, 2])
+    assert not any(m.training for m in model.modules()), "eval mode not restored"

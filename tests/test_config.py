@@ -53,7 +53,8 @@ def test_defaults_are_stated_once():
 def test_old_configs_are_read_with_todays_names():
     config = RunConfig.from_dict(OLD_CONFIG)
     assert config.threads == 1 and "torch_threads" not in config.to_dict()
-    assert config.map_options() == {k: OLD_CONFIG[k] for k in RunConfig.MAP_KEYS}
+    assert config.map_options() == {k: OLD_CONFIG.get(k, "target") for k in RunConfig.MAP_KEYS}
+    assert config.pg_class == "target"  # stores made before --pg-class used the target's box
     spec = DistillSpec.from_dict({"dataset": "digits", "orders": 8})
     assert spec.permutations == 8
     with pytest.raises(ShapCAMError, match="unknown key.*colour"):
@@ -68,6 +69,7 @@ def test_old_configs_are_read_with_todays_names():
     ({"methods": ("gradcam",), "method_options": {"gradcam": {"n_masks": 3}}},
      "bad option for gradcam"),
     ({"n_images": 0}, "--n-images must be >= 1"),
+    ({"pg_class": "box"}, "unknown --pg-class 'box'; use one of target, label"),
 ])
 def test_validation_in_one_place(fields, message):
     with pytest.raises(ShapCAMError, match=message):

@@ -220,10 +220,49 @@ def test_dashboard_in_a_browser(runs, browser, tmp_path, screenshot_dir, clean_c
         browser.set_window_size(1400, 1800)
         browser.save_screenshot(str(screenshot_dir / "dashboard.png"))
         assert (screenshot_dir / "dashboard.png").stat().st_size > 20_000
+        _sql_box_is_sandboxed(browser, wait, runs, tmp_path)
     finally:
         from flows.runtime import stop_process
 
         stop_process(proc)
+
+
+def _sql_box_is_sandboxed(browser, wait, runs: Path, tmp_path: Path) -> None:
+    """Every hostile query typed into the SQL box is refused on the page, nothing is written,
+    and a documented query still shows its table."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from sql_attacks import EXAMPLES, SECRET, attacks
+
+    secret, outside = tmp_path / "secret.csv", tmp_path / "outside"
+    secret.write_text(f"token\n{SECRET}\n")
+    outside.mkdir()
+    before = sorted(runs.rglob("*"))
+    tabs = browser.find_elements(By.CSS_SELECTOR, "[role='tab']")
+    browser.execute_script("arguments[0].click();", next(
+        t for t in tabs if t.get_attribute("textContent").strip() == "SQL"))
+
+    def ask(query: str) -> str:
+        box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "textarea"))
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.DELETE)
+        box.send_keys(query)
+        next(b for b in browser.find_elements(By.CSS_SELECTOR, "button")
+             if b.text == "Run query").click()
+        wait.until(lambda d: f"ran: {query}" in d.find_element(By.TAG_NAME, "body").text)
+        return browser.find_element(By.TAG_NAME, "body").text
+
+    for query in attacks(runs / "done", secret, outside):
+        page = ask(query)
+        alerts = [a.text for a in browser.find_elements(By.CSS_SELECTOR,
+                                                        "[data-testid='stAlert']")]
+        assert any("query refused" in a or "query failed" in a for a in alerts), (query, alerts)
+        assert SECRET not in page, query
+    assert sorted(runs.rglob("*")) == before and not any(outside.iterdir())
+    ask(EXAMPLES[0])
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "[data-testid='stDataFrame']"))
+    assert not [a for a in browser.find_elements(By.CSS_SELECTOR, "[data-testid='stAlert']")
+                if "query" in a.text]
 
 
 class _Wait:

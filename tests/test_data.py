@@ -10,10 +10,12 @@ import scipy.io
 from PIL import Image
 
 from shapcam.data import (
+    ImageRecord,
     draw_records,
     load_example,
     localisation_filter,
     open_dataset,
+    pointing_status,
     read_ilsvrc,
     read_voc,
 )
@@ -152,6 +154,12 @@ def test_localisation_filter(kaggle):
     one = recs["ILSVRC2012_val_00000004"]  # one 5x5 box in a 40x20 image
     assert localisation_filter(one)
     assert not localisation_filter(one, max_area=0.01)
+    assert pointing_status(recs["ILSVRC2012_val_00000001"]) == "filtered"
+    assert pointing_status(one) == "scored" and pointing_status(one, max_area=0.01) == "filtered"
+    other = next(c for c in range(1000) if c != one.label)
+    assert pointing_status(one, other) == "no box"  # e.g. a misclassified image
+    bare = ImageRecord("x", Path("x.jpg"), 3)
+    assert pointing_status(bare) == "unannotated" and not localisation_filter(bare)
 
 
 def test_sample_dataset_is_read_by_the_real_reader(tmp_path):

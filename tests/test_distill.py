@@ -141,6 +141,34 @@ def test_interpret_loss_gradients_reach_the_student(method):
         assert model.fc.weight.grad is not None and model.fc.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("method", [None, "gradcam", "gradcampp", "scorecam", "shapcam"])
+def test_a_training_step_keeps_the_student_training(method):
+    """With every explanation loss, the student stays in training mode (also on the first step,
+    which builds the Score-CAM scorer) and its BatchNorm statistics move exactly as in a plain
+    cross-entropy step: one train-mode pass of the batch, no masked forward counted."""
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 1, 2, 3])
+    plain = small_wrn().train()
+    torch.nn.functional.cross_entropy(plain(x), y).backward()
+    model = small_wrn().train()
+    orders = torch.rand(8, 64, generator=torch.Generator().manual_seed(5)).argsort(1)
+    for _ in range(2):  # the first step builds the scorer, the second reuses it
+        if method is None:
+            logits, loss = model(x), 0
+        else:
+            logits, smap = student_maps(model, method, x, y, orders=orders, max_channels=4)
+            loss = interpret_loss(smap, torch.rand(4, 32, 32))
+        (torch.nn.functional.cross_entropy(logits, y) + loss).backward()
+        assert all(m.training for m in model.modules())
+    bns = [k for k in model.state_dict() if "running" in k or "num_batches" in k]
+    assert bns
+    stats_after_one_step = {k: v.clone() for k, v in plain.state_dict().items() if k in bns}
+    plain.train()(x)  # the second plain step
+    for k in bns:
+        torch.testing.assert_close(model.state_dict()[k], plain.state_dict()[k], msg=k)
+    assert any(not torch.equal(stats_after_one_step[k], model.state_dict()[k]) for k in bns)
+
+
 def test_losses_on_hand_built_cases():
     a = torch.zeros(1, 4, 4)
     a[0, 0, 0] = 1.0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -18,6 +21,7 @@ from shapcam.metrics import (
     explanation_images,
     increase_in_confidence,
     keep_top_fraction,
+    saliency_order,
 )
 from shapcam.models import denormalize, normalize
 
@@ -117,3 +121,57 @@ def test_deletion_follows_saliency_order():
     ins = causal_curves(MeanBrightness(), normalize(x01), maps, torch.tensor([0]), "insertion",
                         step=1)
     assert ins.shape == (1, 5) and abs(float(ins[0, -1]) - 0.3) < 1e-5
+
+
+def test_deletion_breaks_ties_at_random_not_row_by_row():
+    """A map that is constant (0) over the right half of an 8x8 image whose right half is bright
+    in its top rows and black in its bottom rows. Raster order would delete the bright rows of
+    the plateau first; seeded random order deletes bright and black pixels alike, so averaged
+    over seeds the curve falls linearly over the plateau (expected AUC 3/16)."""
+    x01 = torch.zeros(1, 3, 8, 8)
+    x01[..., :4, 4:] = 1.0  # right half: 16 bright pixels on top, 16 black below
+    maps = torch.zeros(1, 8, 8)
+    maps[0, :, :4] = 1 + torch.arange(32, dtype=torch.float32).view(8, 4)  # left: all distinct
+    order = saliency_order(maps, 7)
+    left = (torch.arange(64).view(8, 8)[:, :4]).flatten().flip(0)  # decreasing saliency
+    assert torch.equal(order[0, :32], left), "distinct values are not taken in their order"
+    assert torch.equal(order, saliency_order(maps, 7)), "not reproducible for one seed"
+    assert not torch.equal(order[0, 32:], saliency_order(maps, 8)[0, 32:])
+    assert not torch.equal(order[0, 32:], order[0, 32:].sort().values), "raster order"
+    with pytest.raises(ShapCAMError, match="2 seeds for 1 maps"):
+        saliency_order(maps, [1, 2])
+
+    x = normalize(x01)
+    model, target = MeanBrightness(), torch.tensor([0])
+    aucs = [float(deletion_insertion(model, x, maps, target, step=4, seeds=[s])["deletion"])
+            for s in range(24)]
+    assert sum(aucs) / len(aucs) == pytest.approx(3 / 16, abs=0.01)
+    # raster tie-breaking: the plateau's 16 bright pixels go in the first 4 of its 8 steps
+    curve = [0.25] * 9 + [0.25 - k / 16 for k in range(1, 5)] + [0.0] * 4
+    assert float(auc(torch.tensor(curve).clamp_min(1e-6))) == pytest.approx(2.5 / 16, abs=1e-3)
+    assert abs(sum(aucs) / len(aucs) - 2.5 / 16) > 0.02  # the bias removed is measurable
+
+
+def test_pointing_game_class_and_counts(tiny):
+    """A misclassified image: with the explained class's box (the default) it has no box and is
+    counted as left out; with ``pg_class="label"`` its label's box scores it."""
+    import numpy as np
+
+    from shapcam.data import ImageRecord
+    from shapcam.evaluate import score_maps, summary_table
+
+    rec = ImageRecord("img", Path("img.jpg"), 1, boxes={1: np.array([[0, 0, 8, 8]], "f4")},
+                      size=(32, 32), labels=(1,))
+    maps = torch.zeros(1, 32, 32)
+    maps[0, :8, :16] = 1.0  # half of the energy inside the label's box
+    x, examples = torch.randn(1, 3, 32, 32), [(rec, {1: torch.tensor([[0.0, 0, 8, 8]])})]
+    wrong = torch.tensor([3])
+    (by_target,) = score_maps(tiny, x, maps, wrong, examples, "m", "scorecam", None, 0.0)
+    assert by_target.pointing == "no box" and math.isnan(by_target.proportion)
+    (by_label,) = score_maps(tiny, x, maps, wrong, examples, "m", "scorecam", None, 0.0,
+                             pg_class="label")
+    assert by_label.pointing == "scored" and by_label.proportion == pytest.approx(0.5)
+    table = summary_table([by_target], ["m"])
+    assert table["proportion_images"] == {"m": 0} and table["pointing_no_box"] == {"m": 1}
+    with pytest.raises(ShapCAMError, match="pg_class must be one of target, label"):
+        score_maps(tiny, x, maps, wrong, examples, "m", "scorecam", None, 0.0, pg_class="box")

@@ -45,7 +45,7 @@ def test_pipeline_equals_the_plain_loop(mobilenet, tmp_path):
     assert len(df) == len(plain) == 8
     for row in plain:
         got = df[(df["method"] == row.method) & (df["image_id"] == row.image_id)].iloc[0]
-        assert got["target"] == row.target
+        assert got["target"] == row.target and got["pointing"] == row.pointing
         for key in ("y", "o", "avg_drop", "increase"):
             # equal up to float32 rounding (batches of 2 vs 4 images through the model)
             assert got[key] == pytest.approx(getattr(row, key), rel=1e-5, abs=1e-6), key
@@ -55,7 +55,7 @@ def test_pipeline_equals_the_plain_loop(mobilenet, tmp_path):
             assert got["proportion"] == pytest.approx(row.proportion, rel=1e-5, abs=1e-6)
     assert tables["mobilenet_v2"]["columns"] == ["Grad-CAM", "Shap-CAM"]
     summary = open_run(tmp_path / "run").sql("select count(*) as n from summary")
-    assert int(summary["n"][0]) == 10  # 5 metrics x 2 methods
+    assert int(summary["n"][0]) == 14  # (5 metrics + 2 pointing-game counts) x 2 methods
     # rerun: every shard is skipped, results unchanged
     _, again, _ = run_all(tmp_path / "run", config)
     assert all(s["skipped"] for s in again)

@@ -162,3 +162,35 @@ def test_layer_that_does_not_exist(tiny):
 def test_plain_module_needs_a_layer(tiny):
     with pytest.raises(ShapCAMError, match="pass target_layer"):
         ShapCAM(tiny)
+
+
+@pytest.mark.parametrize(("name", "weights"), [
+    ("mobilenet_v2", "IMAGENET1K_V1"), ("mobilenet_v2", "random"), ("resnet18", "random"),
+    ("resnet18", "IMAGENET1K_V1")])
+@pytest.mark.parametrize("fast_path", ["auto", "off"])
+def test_logit_shapcam_equals_gradcam_on_gap_fc_heads(name, weights, fast_path, photos,
+                                                       request):
+    """On GAP -> Linear heads the logit game is additive, ``phi_p = W_c . A_p / hw``, which is
+    Grad-CAM's ``sum_k w_k A^k_p`` with ``w_k = W_ck / hw``: equal for any orders, so the only
+    difference between Shap-CAM and Grad-CAM on these models is the paper's softmax."""
+    from pathlib import Path
+
+    from shapcam import GradCAM, load_model
+
+    if name == "mobilenet_v2" and weights != "random":
+        request.getfixturevalue("mobilenet")  # the offline weights of .ci/setup (or a skip)
+    elif weights != "random" and not any((Path(torch.hub.get_dir()) / "checkpoints").glob(
+            f"{name}-*.pth")):
+        pytest.skip(f"{name} {weights} is not in the torch cache (.ci/setup installs only "
+                    "MobileNetV2's weights)")
+    torch.manual_seed(0)
+    lm = load_model(name, weights)
+    x = torch.stack(list(photos.values()))
+    shap = ShapCAM(lm, value="logit", permutations=2, fast_path=fast_path)(x)
+    gradcam = GradCAM(lm)
+    grad = gradcam(x, shap.targets)
+    with torch.no_grad():
+        signed = torch.einsum("bc,bchw->bhw", grad.extras["weights"], gradcam.trunk(x))
+    scale = float(signed.abs().max())
+    torch.testing.assert_close(shap.raw, signed, atol=1e-5 * scale, rtol=1e-4)
+    torch.testing.assert_close(shap.raw.clamp_min(0), grad.raw, atol=1e-5 * scale, rtol=1e-4)

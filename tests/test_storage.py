@@ -340,3 +340,35 @@ def test_store_and_tables_on_an_fsspec_url():
     assert out["n"].tolist() == [N, N]
     assert run.sql("select status from manifest")["status"].tolist() == ["completed"]
     assert run.sql("select count(*) as n from summary")["n"].tolist() == [1]
+
+
+def test_sql_sandbox_refuses_every_hostile_query(tmp_path):
+    """Files, URLs, extensions and settings are shut by DuckDB's own settings: each hostile
+    query fails with one line, reads nothing outside the run and writes nothing anywhere,
+    while the documented queries work."""
+    from sql_attacks import EXAMPLES, SECRET, attacks
+
+    run_dir, outside = tmp_path / "run", tmp_path / "outside"
+    run_dir.mkdir()
+    outside.mkdir()
+    secret = tmp_path / "secret.csv"
+    secret.write_text(f"token\n{SECRET}\n")
+    make_store(run_dir)
+    write_tables(run_dir)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    run = open_run(run_dir)
+    queries = attacks(run_dir, secret, outside)
+    assert len(queries) >= 15
+    for query in queries:
+        with pytest.raises(StorageError) as info:
+            run.sql(query)
+        message = str(info.value)
+        assert "\n" not in message and SECRET not in message, query
+        assert "refused" in message or "failed" in message, query
+    assert sorted(p for p in tmp_path.rglob("*")) == before, "a query wrote a file"
+    for query in EXAMPLES:
+        assert len(run.sql(query)) >= 1, query
+    assert run.sql("select 1 as x from range(5)", max_rows=3).attrs["truncated"]
+    with pytest.raises(StorageError, match="stopped after 0.2 s"):
+        run.sql("select count(*) from range(1000000000) a, range(1000) b "
+                "where a.range % 7 = b.range", timeout=0.2)

@@ -65,6 +65,9 @@ Threads = Annotated[int, typer.Option(help="Torch threads per worker.")]
 DaskAddress = Annotated[str | None, typer.Option(
     help="Use an existing Dask scheduler, e.g. tcp://host:8786.")]
 Protocol = Annotated[str, typer.Option(help="scorecam (paper) or gradcampp.")]
+PgClass = Annotated[str, typer.Option(
+    "--pg-class", help="Whose box the pointing game uses: target (the explained class, the "
+                       "paper's reading) or label (the ground truth).")]
 Causal = Annotated[bool, typer.Option(
     help="Deletion/insertion AUC too (2 x 225 forwards per image and method with the paper "
          "preset).")]

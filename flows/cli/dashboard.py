@@ -28,6 +28,11 @@ def dashboard(
         fail(f"runs folder {runs} does not exist; make a run with `shapcam run --store {runs}` "
              "first, or pass --runs")
     app_path = Path(dashboards.__file__).with_name("app.py")
+    if not _loopback(host):
+        typer.secho(f"warning: the dashboard has no login; on {host} anyone who can reach port "
+                    f"{port} sees every run in {runs} (its SQL box is read-only and sandboxed). "
+                    "Put it behind an authenticating proxy, or use --host 127.0.0.1 with an "
+                    "SSH tunnel.", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"dashboard: http://{host}:{port}  (runs in {runs.resolve()}; Ctrl-C stops)")
     cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.address", host,
            "--server.port", str(port), "--server.headless", "true",
@@ -36,3 +41,14 @@ def dashboard(
            "--", "--runs", str(runs.resolve())]
     with contextlib.suppress(KeyboardInterrupt):
         raise typer.Exit(subprocess.call(cmd))
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: only "localhost" is known to be local
+        return False

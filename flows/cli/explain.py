@@ -18,6 +18,7 @@ from . import app
 from .common import (
     AutoDevice,
     Causal,
+    PgClass,
     Preset,
     Protocol,
     Seed,
@@ -150,7 +151,7 @@ def evaluate(
         help="Deterministic random sample of N images (the paper: 2000).")] = None,
     seed: Seed = 0, protocol: Protocol = "scorecam",
     target: Annotated[str, typer.Option(help="predicted (paper) or label.")] = "predicted",
-    causal: Causal = True,
+    causal: Causal = True, pg_class: PgClass = "target",
     batch_images: Annotated[int, typer.Option(help="Images per batch.")] = 8,
     preset: Preset = "paper", settings: Settings = None, device: AutoDevice = "",
     json_path: Annotated[Path | None, typer.Option(
@@ -169,7 +170,7 @@ def evaluate(
         config = RunConfig.build(dataset=dataset, root=root, split=split, methods=methods,
                                  models=(ModelSpec(model, weights, layer),), n_images=n_images,
                                  seed=seed, protocol=protocol, causal=causal, preset=preset,
-                                 settings=settings)
+                                 pg_class=pg_class, settings=settings)
         if dataset == "sample":
             offline_weights()
         records = draw_records(open_dataset(dataset, config.root, split), n_images, seed)
@@ -179,13 +180,12 @@ def evaluate(
                                     target=target, method_options=config.method_options,
                                     batch_images=batch_images, causal=causal,
                                     causal_step=config.causal_step, seed=seed,
-                                    progress=bar.update)
+                                    pg_class=pg_class, progress=bar.update)
     table = summary_table(rows, config.methods)
     done = min(table["images"].values())
     caption = (f"{dataset} ({done} images, seed {seed}), {model} ({weights}), protocol "
-               f"`{protocol}`, target: {target} class; Proportion over "
-               f"{max(table['proportion_images'].values(), default=0)} images passing the "
-               "localisation filter (one box of the class, < 50% of the image)")
+               f"`{protocol}`, target: {target} class, pointing game on the {pg_class} "
+               "class's box")
     typer.echo(markdown(paper_table(table, caption)))
     for image_id, why in {r.image_id: r.error for r in rows if r.error}.items():
         typer.secho(f"failed {image_id}: {why}", fg=typer.colors.YELLOW, err=True)

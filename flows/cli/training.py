@@ -47,10 +47,9 @@ def distill(
         "--permutations", "-k", help="Shap-CAM orders per step for the student's map.")
     ] = _DS.permutations,
     scorecam_channels: Annotated[int, typer.Option(
-        help="Channels scored per image and step for the student's Score-CAM weights.")
-    ] = _DS.scorecam_channels,
-    teacher_scorecam_channels: Annotated[int | None, typer.Option(
-        help="Cap on the teacher's Score-CAM channels (default: all 128).")] = None,
+        help="Score-CAM channel rule for teacher and student maps: the N most varied "
+             "channels (0: all 128; the student pays one forward per channel, image and step).")
+    ] = _DS.scorecam_channels or 0,
     limit: Annotated[int | None, typer.Option(
         help="Use the first N training images (and N/5 test images).")] = None,
     seed: Annotated[int, typer.Option()] = _DS.seed,
@@ -69,8 +68,8 @@ def distill(
             teacher_checkpoint=str(teacher_checkpoint.resolve()) if teacher_checkpoint
             else None, epochs=epochs, teacher_epochs=teacher_epochs, lr=lr,
             batch_size=batch_size, alpha=alpha, temperature=temperature,
-            permutations=permutations, scorecam_channels=scorecam_channels,
-            teacher_scorecam_channels=teacher_scorecam_channels, variants=variants,
+            permutations=permutations, scorecam_channels=scorecam_channels or None,
+            variants=variants,
             device=device, threads=threads,
             # the teacher trains alone: on a local cluster it gets every worker's threads
             teacher_threads=threads if dask_address else threads * workers)

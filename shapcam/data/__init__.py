@@ -3,7 +3,14 @@ dataset (photos from installed packages in the ILSVRC layout), and image records
 
 from .datasets import DATASETS, open_dataset
 from .readers import read_ilsvrc, read_voc
-from .records import ImageRecord, draw_records, load_example, localisation_filter
+from .records import (
+    POINTING_STATUSES,
+    ImageRecord,
+    draw_records,
+    load_example,
+    localisation_filter,
+    pointing_status,
+)
 
-__all__ = ["DATASETS", "ImageRecord", "draw_records", "load_example", "localisation_filter",
-           "open_dataset", "read_ilsvrc", "read_voc"]
+__all__ = ["DATASETS", "POINTING_STATUSES", "ImageRecord", "draw_records", "load_example",
+           "localisation_filter", "open_dataset", "pointing_status", "read_ilsvrc", "read_voc"]

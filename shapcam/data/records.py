@@ -85,14 +85,30 @@ def draw_records(records: Sequence[ImageRecord], n: int | None, seed: int = 0
     return sorted(random.Random(seed).sample(ordered, n), key=lambda r: r.image_id)
 
 
-def localisation_filter(record: ImageRecord, cls: int | None = None,
-                        max_area: float = 0.5) -> bool:
-    """The paper's filter for the pointing game: exactly one box of the class, covering less
-    than ``max_area`` of the image."""
+#: Why an image is in the pointing game or not (the ``pointing`` column of the metrics).
+POINTING_STATUSES = ("scored", "no box", "filtered", "unannotated")
+
+
+def pointing_status(record: ImageRecord, cls: int | None = None, max_area: float = 0.5) -> str:
+    """The paper's filter for the pointing game ("images with only one bounding box for target
+    class", the box covering less than ``max_area`` of the image) for class ``cls``:
+    ``"scored"`` (passes), ``"no box"`` (the image has boxes, none of ``cls``: e.g. a
+    misclassified image explained for its predicted class), ``"filtered"`` (several boxes of
+    ``cls``, or one too large) or ``"unannotated"`` (no boxes or no image size)."""
     cls = record.label if cls is None else cls
+    if not any(len(b) for b in record.boxes.values()) or record.size is None:
+        return "unannotated"
     boxes = record.boxes_of(cls)
-    if boxes.shape[0] != 1 or record.size is None:
-        return False
+    if boxes.shape[0] == 0:
+        return "no box"
+    if boxes.shape[0] != 1:
+        return "filtered"
     x0, y0, x1, y1 = boxes[0]
     w, h = record.size
-    return (x1 - x0) * (y1 - y0) < max_area * w * h
+    return "scored" if (x1 - x0) * (y1 - y0) < max_area * w * h else "filtered"
+
+
+def localisation_filter(record: ImageRecord, cls: int | None = None,
+                        max_area: float = 0.5) -> bool:
+    """Whether the image enters the pointing game for ``cls``: :func:`pointing_status`."""
+    return pointing_status(record, cls, max_area) == "scored"

@@ -11,6 +11,8 @@ shared.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,11 +55,29 @@ def upsample_normalise(raw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return minmax(up)
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block, every submodule's own mode restored after.
+
+    Methods explain the inference-time model (BatchNorm running statistics, no dropout) but must
+    not change the mode their caller set: a student explained inside its training step keeps
+    training and updating its BatchNorm statistics.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 class CAMMethod(ABC):
     """Base of all methods: ``method(x, targets) -> CAMResult``.
 
     Args:
-        model: a :class:`~shapcam.models.LoadedModel` or a plain ``nn.Module`` in eval mode.
+        model: a :class:`~shapcam.models.LoadedModel` or a plain ``nn.Module``; its mode is left
+            as the caller set it (each call runs it in eval mode and restores the mode).
         target_layer: dotted module name; defaults to the loaded model's default layer.
     """
 
@@ -75,8 +95,9 @@ class CAMMethod(ABC):
         if target_layer is None:
             raise ShapCAMError("pass target_layer when the model is a plain nn.Module")
         self.target_layer = target_layer
-        self.model.eval()
-        self.trunk, self.head = split_model(self.model, target_layer)
+        # traced in eval mode: fx bakes Python branches on ``self.training`` into the graph
+        with eval_mode(self.model):
+            self.trunk, self.head = split_model(self.model, target_layer)
 
     @property
     def device(self) -> torch.device:
@@ -111,6 +132,10 @@ class CAMMethod(ABC):
 
     def __call__(self, x: torch.Tensor, targets: Any = None, **kwargs: Any) -> CAMResult:
         """Explain ``x`` for ``targets`` (int, sequence or tensor; default: predicted class)."""
+        with eval_mode(self.model):
+            return self._explain(x, targets, **kwargs)
+
+    def _explain(self, x: torch.Tensor, targets: Any, **kwargs: Any) -> CAMResult:
         x = self._check_input(x)
         with torch.no_grad():
             features = self.trunk(x)

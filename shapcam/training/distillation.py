@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..methods.base import eval_mode
 from .cifar import ImageSet, batches
 from .losses import interpret_loss, kd_loss
 from .maps import student_maps
@@ -63,14 +64,15 @@ class LossSettings:
     """``alpha``: weight of L_interpret (not given in the paper; 1.0 is our default).
     ``kd_weight``: weight of L_KD; ``temperature``: Hinton's T (the paper: 4).
     ``permutations``: Shap-CAM orders per step for the student map (unbiased at any K; 16 costs a
-    cumsum over 16 x 65 prefixes). ``scorecam_channels``: channels scored per image and step
-    for the student's Score-CAM weights (one detached forward each)."""
+    cumsum over 16 x 65 prefixes). ``scorecam_channels``: the Score-CAM channel rule, the same
+    for teacher and student (the most varied channels; None: every channel); the student pays
+    one detached forward per channel, image and step."""
 
     alpha: float = 1.0
     kd_weight: float = 1.0
     temperature: float = 4.0
     permutations: int = 16
-    scorecam_channels: int = 8
+    scorecam_channels: int | None = 16
 
 
 @torch.no_grad()
@@ -133,10 +135,8 @@ def train_student(student: WideResNet, teacher: WideResNet, data: ImageSet, vari
             orders = None
             if variant.method == "shapcam":
                 if n_pos is None:  # in eval mode: a train-mode pass would move BN statistics
-                    student.eval()
-                    with torch.no_grad():
+                    with eval_mode(student), torch.no_grad():
                         n_pos = int(np.prod(student.features(x[:1]).shape[-2:]))
-                    student.train()
                 g = torch.Generator().manual_seed(
                     (schedule.seed * 1_000_003 + epoch) * 100_003 + step)
                 orders = torch.rand(settings.permutations, n_pos, generator=g).argsort(1)

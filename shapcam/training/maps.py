@@ -14,12 +14,13 @@ made differentiable:
   terms ``W A_p / n`` (the engine's exact fast path), so K orders cost one cumsum: cheap and
   differentiable through ``A``, ``W`` and ``b``.
 - Score-CAM: its weights need one forward pass per channel and image. The student's weights
-  ``s_k = softmax(f(x M_k))_c`` are computed without gradients (detached) on the
-  ``max_channels`` channels of largest spatial variance (Faster Score-CAM's selection; the others
-  get 0), and the map ``ReLU(sum_k s_k A^k)`` is differentiable through the activations ``A``.
-  Differentiating through the masked forwards would multiply the cost of a step by
-  ``max_channels`` backward passes; the weights change slowly with the parameters, the
-  activations carry the spatial structure the loss compares.
+  ``s_k = softmax(f(x M_k))_c`` are computed in eval mode without gradients (detached), with
+  the teacher's channel rule (``max_channels``: the channels of largest spatial variance, Faster
+  Score-CAM's selection, the others get 0; None: every channel), and the map
+  ``ReLU(sum_k s_k A^k)`` is differentiable through the activations ``A``. Differentiating
+  through the masked forwards would multiply the cost of a step by ``max_channels`` backward
+  passes; the weights change slowly with the parameters, the activations carry the spatial
+  structure the loss compares.
 """
 
 from __future__ import annotations
@@ -28,12 +29,25 @@ import torch
 import torch.nn.functional as F
 
 from ..methods import build_method
+from ..methods.base import eval_mode
 from ..methods.gradcam import gradcam_weights, gradcampp_weights
 from ..methods.perturbation import ScoreCAM
 from .wrn import WideResNet
 
 STUDENT_METHODS = ("gradcam", "gradcampp", "scorecam", "shapcam")
-_SCORERS: dict[tuple[int, int], ScoreCAM] = {}
+_SCORERS: dict[tuple[int, int | None], ScoreCAM] = {}
+
+
+def _scorer(model: WideResNet, max_channels: int | None) -> ScoreCAM:
+    """One ScoreCAM per student (building one traces the model); ``id`` keys are checked
+    against the model itself, since ids are reused after a model is freed."""
+    key = (id(model), max_channels)
+    scorer = _SCORERS.get(key)
+    if scorer is None or scorer.model is not model:
+        if len(_SCORERS) >= 4:
+            _SCORERS.clear()
+        scorer = _SCORERS[key] = ScoreCAM(model, "features", max_channels=max_channels)
+    return scorer
 
 
 def shapley_gap_fc(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -73,18 +87,10 @@ def student_maps(model: WideResNet, method: str, x: torch.Tensor, targets: torch
         phi = shapley_gap_fc(A, model.fc.weight, model.fc.bias, targets, orders)
         return logits, phi.clamp_min(0)
     if method == "scorecam":
-        key = (id(model), max_channels)
-        if key not in _SCORERS:  # building one traces the model: once per model
-            _SCORERS[key] = ScoreCAM(model, "features", max_channels=max_channels)
-        scorer = _SCORERS[key]
-        training = model.training
-        model.eval()  # masked forwards must not update (or use) BatchNorm batch statistics
-        try:
-            with torch.no_grad():
-                _, extras = scorer.raw_maps(x, targets, features=A.detach(),
-                                            logits=logits.detach())
-        finally:
-            model.train(training)
+        scorer = _scorer(model, max_channels)
+        # masked forwards must neither update nor use BatchNorm batch statistics
+        with eval_mode(model), torch.no_grad():
+            _, extras = scorer.raw_maps(x, targets, features=A.detach(), logits=logits.detach())
         return logits, torch.einsum("bc,bchw->bhw", extras["weights"], A).clamp_min(0)
     raise ValueError(f"unknown explanation method {method!r}; use one of "
                      f"{', '.join(STUDENT_METHODS)}")
