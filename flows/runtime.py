@@ -1,5 +1,6 @@
 """Prefect and Dask set-up, in one place: the environment, the local Prefect server, the API
-context a command runs in, the Dask task runner, the GPU annotation, artifact keys, run ids.
+context a command runs in (with clean stops, :mod:`flows.stops`), the Dask task runner, the GPU
+annotation, artifact keys, run ids.
 
 Nothing here imports Prefect at module level: :func:`prefect_environment` must run before Prefect
 is first imported (it reads its settings then), and the command package calls it first.
@@ -8,7 +9,9 @@ is first imported (it reads its settings then), and the command package calls it
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -31,7 +34,12 @@ def prefect_environment(home: Path) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # Task and flow logs at INFO go to the API (the UI's flow-run page; `tasks` is the task
+    # functions' logger); the terminal shows warnings only, and run failures once, from the
+    # command (see quiet_run_errors).
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
 
@@ -59,13 +67,22 @@ def _wait_healthy(proc: subprocess.Popen, url: str, log: str, timeout: float) ->
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    """SIGTERM, then SIGKILL if ``proc`` has not exited within ``timeout`` seconds."""
-    proc.terminate()
+    """SIGTERM, then SIGKILL if ``proc`` has not exited within ``timeout`` seconds; a process
+    started with ``start_new_session=True`` is stopped with its whole process group."""
+    group = os.getpgid(proc.pid) == proc.pid if proc.poll() is None else False
+
+    def send(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+
+    send(signal.SIGTERM)
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        send(signal.SIGKILL)
         proc.wait()
+    if group:  # children that outlived their parent
+        send(signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -81,9 +98,11 @@ def local_prefect_server(timeout: float = 180.0) -> Iterator[str]:
     home = Path(os.environ["PREFECT_HOME"])
     home.mkdir(parents=True, exist_ok=True)
     log = open(home / "server.log", "ab")  # noqa: SIM115 - closed in finally
+    # Its own session: Ctrl-C in the terminal reaches the command, which stops the run and
+    # marks it Cancelled through this server before stopping it (with its process group).
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host",
                              "127.0.0.1", "--port", str(port)], env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(proc, url, log.name, timeout)
@@ -102,18 +121,75 @@ def prefect_api(announce: Callable[[str], None] = print) -> Iterator[str]:
 
     server = (contextlib.nullcontext(os.environ["PREFECT_API_URL"])
               if os.environ.get("PREFECT_API_URL") else local_prefect_server())
+    quiet_run_errors()
     with server as url:
         base = url.removesuffix("/api")
         announce(f"Prefect UI: {base}")
+        # In the environment too: Dask worker processes started inside inherit it, so their
+        # task logs reach the API (a setting alone stays in this process).
+        previous = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = f"{base}/api"
         with temporary_settings({PREFECT_API_URL: f"{base}/api"}):
-            yield base
+            try:
+                yield base
+            finally:
+                _drain_api_logs()
+                if previous is None:
+                    os.environ.pop("PREFECT_API_URL", None)
+                else:
+                    os.environ["PREFECT_API_URL"] = previous
+
+
+class _RunErrorsToTheApiOnly(logging.Filter):
+    """Flow- and task-run errors (tracebacks, "Crash detected!") still reach the API and the
+    UI, but not the terminal: the command reports a failed or stopped run once, itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR
+                    and record.name.startswith(("prefect.flow_runs", "prefect.task_runs")))
+
+
+def quiet_run_errors() -> None:
+    """Add :class:`_RunErrorsToTheApiOnly` to Prefect's console handler (once)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not any(
+                isinstance(f, _RunErrorsToTheApiOnly) for f in handler.filters):
+            handler.addFilter(_RunErrorsToTheApiOnly())
+
+
+def _drain_api_logs() -> None:
+    """Send the logs still queued for the API before a local server goes away (otherwise
+    Prefect prints "Error logging to API" after the command's own message)."""
+    from prefect.logging.handlers import APILogWorker
+
+    with contextlib.suppress(Exception):
+        APILogWorker.drain_all(timeout=5)
 
 
 def run_flow(flow: Any, runner: Any, announce: Callable[[str], None] = print,
              **params: Any) -> Any:
-    """Run ``flow`` on ``runner`` against PREFECT_API_URL, or a local server started for it."""
-    with prefect_api(announce):
-        return flow.with_options(task_runner=runner)(**params)
+    """Run ``flow`` on ``runner`` against PREFECT_API_URL, or a local server started for it.
+
+    SIGTERM or SIGINT stops it cleanly (:mod:`flows.stops`): the flow run and its unfinished
+    tasks are marked Cancelled, the Dask cluster and the local server are shut down, and
+    :class:`~flows.stops.Stopped` is raised to the command.
+    """
+    from .stops import FlowRunRecorder, Stopped, cancel_flow_run, stop_signals
+
+    recorder = FlowRunRecorder()
+    with stop_signals(), prefect_api(announce):
+        try:
+            return flow.with_options(task_runner=runner, on_running=[recorder])(**params)
+        except BaseException as exc:
+            stop = exc if isinstance(exc, Stopped) else getattr(exc, "__context__", None)
+            if not isinstance(stop, Stopped):
+                raise
+            if recorder.flow_run_id is not None:
+                with contextlib.suppress(Exception):  # the stop matters more than the label
+                    cancel_flow_run(recorder.flow_run_id, f"stopped by {stop.name}")
+            raise stop from None
 
 
 def task_runner(dask_address: str | None, workers: int, threads: int) -> Any:

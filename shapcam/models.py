@@ -11,6 +11,7 @@ Weights are given as a *spec* string:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 from dataclasses import dataclass, field
@@ -91,6 +92,58 @@ def _weights_enum(name: str, spec: str) -> torchvision.models.WeightsEnum:
         ) from None
 
 
+def _is_path(spec: str) -> bool:
+    return os.path.sep in spec or spec.endswith((".pth", ".pt", ".bin")) or Path(spec).is_file()
+
+
+def ensure_weights(name: str, weights: str | os.PathLike[str] | None) -> None:
+    """Check, before any work starts, that ``weights`` of ``name`` can be loaded: a state-dict
+    file exists, or an enum's checkpoint is cached (from the offline package or a download,
+    made now). Raises one :class:`ShapCAMError` saying what works otherwise."""
+    spec = "random" if weights is None else str(weights)
+    if name not in available_models():
+        raise ShapCAMError(f"unknown model {name!r}; torchvision classifiers include: "
+                           f"{_suggest(name, available_models())}")
+    if spec == "random":
+        return
+    if _is_path(spec):
+        if not Path(spec).is_file():
+            raise ShapCAMError(f"weights file {spec} does not exist")
+        return
+    _cached_checkpoint(name, _weights_enum(name, spec))
+
+
+def _cached_checkpoint(name: str, enum: torchvision.models.WeightsEnum) -> Path:
+    """The enum's checkpoint in the torch cache: already there, installed from the offline
+    package (MobileNetV2 IMAGENET1K_V1), or downloaded as torchvision would."""
+    from .weights import CHECKPOINT, install_offline_weights
+
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    file = cache / Path(enum.url).name
+    if file.is_file():
+        return file
+    if file.name == CHECKPOINT:
+        with contextlib.suppress(RuntimeError):  # package missing: the download may still work
+            return install_offline_weights()
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        prefix = torch.hub.HASH_REGEX.search(file.name)
+        torch.hub.download_url_to_file(enum.url, str(file),
+                                       prefix.group(1) if prefix else None, progress=True)
+    except (OSError, RuntimeError) as exc:
+        enum_cls = type(enum)
+        cached = [m for m, w in enum_cls.__members__.items()
+                  if (cache / Path(w.url).name).is_file()]
+        reason = str(getattr(exc, "reason", exc)).strip().splitlines()[0]
+        raise ShapCAMError(
+            f"cannot load {name} weights {enum_cls.__name__}.{enum.name}: not in the cache "
+            f"{cache} and the download of {enum.url} failed ({reason}). What works: "
+            + (f"a cached enum ({', '.join(cached)}), " if cached else "")
+            + f"a state-dict file (--weights PATH, or {name}:PATH in --models), 'random' "
+            "weights, or network access (torchvision then caches the file)") from None
+    return file
+
+
 def _checkpoint_meta(path: Path) -> dict:
     """``num_classes`` and ``categories`` saved next to the state dict, if any."""
     try:
@@ -138,7 +191,7 @@ def _load_state_dict_file(model: nn.Module, name: str, path: Path) -> None:
 
 def load_model(
     name: str,
-    weights: str | os.PathLike[str] | None = "DEFAULT",
+    weights: str | os.PathLike[str] | None = "IMAGENET1K_V1",
     *,
     target_layer: str | None = None,
     num_classes: int | None = None,
@@ -149,7 +202,10 @@ def load_model(
 
     Args:
         name: a torchvision classifier name (``vgg16``, ``resnet18``, ``mobilenet_v2``, ...).
-        weights: ``"random"``/``None``, a torchvision weight enum name, or a state-dict path.
+        weights: ``"random"``/``None``, a torchvision weight enum name (default
+            ``IMAGENET1K_V1``, the one ``.ci/setup`` installs for MobileNetV2; ``"DEFAULT"`` is
+            torchvision's newest, often ``IMAGENET1K_V2``, downloaded on first use), or a
+            state-dict path.
         target_layer: dotted module name to explain; defaults to :data:`DEFAULT_TARGET_LAYERS`
             or :func:`auto_target_layer`.
         num_classes: classifier size for random weights or a custom state dict (default 1000).
@@ -164,7 +220,7 @@ def load_model(
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if spec == "random":
         model = torchvision.models.get_model(name, weights=None, **kwargs)
-    elif os.path.sep in spec or spec.endswith((".pth", ".pt", ".bin")) or Path(spec).is_file():
+    elif _is_path(spec):
         path = Path(spec)
         if not path.is_file():
             raise ShapCAMError(f"weights file {path} does not exist")
@@ -179,6 +235,7 @@ def load_model(
         if num_classes not in (None, len(enum.meta["categories"])):
             raise ShapCAMError(f"{enum} has {len(enum.meta['categories'])} classes, "
                                f"not num_classes={num_classes}")
+        _cached_checkpoint(name, enum)  # offline package, cache or download; clear errors
         model = torchvision.models.get_model(name, weights=enum)
         spec = str(enum)
         categories = categories or list(enum.meta["categories"])

@@ -3,8 +3,8 @@
 Imports numpy, zarr, pyarrow (pandas, duckdb, xarray for queries); never torch or Prefect.
 """
 
-from .errors import IncompleteShardError, SchemaVersionError, StorageError
-from .query import Run, open_run
+from .errors import IncompleteShardError, NotARunError, SchemaVersionError, StorageError
+from .query import Run, open_run, run_folders
 from .saliency import SCHEMA_VERSION, SaliencyStore, TableSpec
 from .tables import (
     write_image_index,
@@ -14,6 +14,7 @@ from .tables import (
     write_training_epoch,
 )
 
-__all__ = ["SCHEMA_VERSION", "IncompleteShardError", "Run", "SaliencyStore", "SchemaVersionError",
-           "StorageError", "TableSpec", "open_run", "write_image_index", "write_manifest",
-           "write_metrics_shard", "write_summary", "write_training_epoch"]
+__all__ = ["SCHEMA_VERSION", "IncompleteShardError", "NotARunError", "Run", "SaliencyStore",
+           "SchemaVersionError", "StorageError", "TableSpec", "open_run", "run_folders",
+           "write_image_index", "write_manifest", "write_metrics_shard", "write_summary",
+           "write_training_epoch"]

@@ -20,6 +20,14 @@ class IncompleteShardError(StorageError):
     """The shard's writer never finished it."""
 
 
+class NotARunError(StorageError):
+    """The folder holds runs, not one run; ``runs`` are their folder names."""
+
+    def __init__(self, message: str, runs: list[str]) -> None:
+        super().__init__(message)
+        self.runs = runs
+
+
 @contextlib.contextmanager
 def storage_errors(path: str | os.PathLike[str]) -> Iterator[None]:
     """Turn OS errors (full disk, permissions, ...) into :class:`StorageError` naming ``path``.

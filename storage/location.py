@@ -43,6 +43,12 @@ class Location:
     def makedirs(self, *parts: str) -> None:
         self.fs.makedirs(self.path(*parts), exist_ok=True)
 
+    def listdir(self, *parts: str) -> list[str]:
+        """Names of the folders directly below ``parts``."""
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1]
+                      for e in self.fs.ls(self.path(*parts), detail=True)
+                      if e.get("type") == "directory")
+
     def glob(self, *parts: str) -> list[str]:
         return sorted(self.fs.glob(self.path(*parts)))
 

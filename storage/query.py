@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
 
-from .errors import IncompleteShardError, StorageError
+from .errors import IncompleteShardError, NotARunError, StorageError
 from .location import Location
 from .saliency import SaliencyStore
 from .tables import METRICS_SCHEMA, PARTITIONS
@@ -34,6 +34,14 @@ class Run:
         self.root = self.location.url
         if not self.location.isdir():
             raise StorageError(f"run folder {self.root} does not exist")
+        if not any(self.location.exists(part) for part in _RUN_PARTS):
+            runs = run_folders(self.location)
+            if runs:
+                shown = ", ".join(runs[:8]) + (f" and {len(runs) - 8} more" if len(runs) > 8
+                                               else "")
+                raise NotARunError(f"{self.root} is a folder of runs, not a run: pass one of "
+                                   f"them, e.g. {self.location.url_of(runs[0])} (runs: "
+                                   f"{shown})", runs)
         self.store = SaliencyStore(self.root, **storage_options)
 
     # -- maps ----------------------------------------------------------------------------
@@ -288,6 +296,17 @@ def _full_schema():
     import pyarrow as pa
 
     return pa.schema(list(METRICS_SCHEMA) + [pa.field(p, pa.string()) for p in PARTITIONS])
+
+
+#: What a run folder holds (a training run has no maps).
+_RUN_PARTS = ("maps.zarr", "metrics", "manifest.parquet", "training")
+
+
+def run_folders(root: str | os.PathLike[str] | Location) -> list[str]:
+    """Names of the run folders directly under ``root`` (a ``--store`` folder), sorted."""
+    loc = root if isinstance(root, Location) else Location(root)
+    return sorted(name for name in loc.listdir()
+                  if any(loc.exists(name, part) for part in _RUN_PARTS))
 
 
 def open_run(root: str | os.PathLike[str]) -> Run:

@@ -275,7 +275,7 @@ class FinetuneSpec(_Spec):
 
     root: str
     model: str = "vgg16"
-    weights: str = "DEFAULT"
+    weights: str = DEFAULT_WEIGHTS
     epochs: int = 20
     lr: float = 0.01
     batch_size: int = 32

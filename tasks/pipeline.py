@@ -9,6 +9,7 @@ whose maps (metrics) are complete in the run folder is skipped, so re-running a 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -46,6 +47,10 @@ from .config import ModelSpec, RunConfig
 
 _METRIC_COLUMNS = ("image_id", "target", "label", "protocol", "y", "o", "avg_drop", "increase",
                    "proportion", "pointing", "deletion", "insertion", "seconds")
+#: Task logs: Prefect forwards this logger to the API (``PREFECT_LOGGING_EXTRA_LOGGERS``), so
+#: the lines appear on the flow-run page, also from Dask worker processes.
+log = logging.getLogger("tasks")
+log.setLevel(logging.INFO)  # Prefect attaches its API handler but leaves the level at WARNING
 _MODELS: dict[tuple[str, str, str | None, str], LoadedModel] = {}
 _METHODS: dict[tuple[Any, ...], CAMMethod] = {}
 
@@ -160,6 +165,7 @@ def explain_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int,
     dataset, name = config.dataset, model.name
     store = SaliencyStore(run_dir)
     if store.completed(dataset, name, shard):
+        log.info("explain %s/%s shard %d: already complete, skipped", dataset, name, shard)
         return {"shard": shard, "model": name, "skipped": True}
     t0 = time.perf_counter()
     _threads(config)
@@ -204,6 +210,11 @@ def explain_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int,
                       record={"failures": failures, "seconds": seconds,
                               "shapcam_evaluations": evaluations,
                               "wall_seconds": time.perf_counter() - t0})
+    written = sum(a.nbytes for arrays in out.values() for a in arrays.values())
+    log.info("explain %s/%s shard %d: %d images read, %d failed%s; seconds per image: %s; "
+             "%.1f MB of maps written", dataset, name, shard, len(good), len(failures),
+             f" ({_failed_list(failures)})" if failures else "",
+             ", ".join(f"{m} {t:.3f}" for m, t in seconds.items()) or "none", written / 1e6)
     return {"shard": shard, "model": name, "skipped": False, "images": n,
             "failed": len(failures), "seconds": time.perf_counter() - t0}
 
@@ -218,6 +229,7 @@ def evaluate_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int
     """Metrics of one shard from its stored maps into one Parquet file per method."""
     dataset, name = config.dataset, model.name
     if metrics_complete(run_dir, config, name, shard):
+        log.info("evaluate %s/%s shard %d: already complete, skipped", dataset, name, shard)
         return {"shard": shard, "model": name, "skipped": True}
     t0 = time.perf_counter()
     _threads(config)
@@ -253,9 +265,17 @@ def evaluate_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int
                 rows.append({k: None if isinstance(v, float) and math.isnan(v) and
                              k != "seconds" else v for k, v in row.items()}
                             | {"run_id": run_id, "evaluations": None})
-        write_metrics_shard(run_dir, dataset, name, m, shard, rows, protocol)
+        path = write_metrics_shard(run_dir, dataset, name, m, shard, rows, protocol)
+        log.info("evaluate %s/%s shard %d, %s (%s): %d rows, %d failed, written to %s",
+                 dataset, name, shard, m, protocol, len(rows), len(failures), path)
     return {"shard": shard, "model": name, "skipped": False,
             "seconds": time.perf_counter() - t0}
+
+
+def _failed_list(failures: dict[str, str], shown: int = 3) -> str:
+    items = [f"{k}: {v}" for k, v in list(failures.items())[:shown]]
+    return "; ".join(items) + (f"; and {len(failures) - shown} more" if len(failures) > shown
+                               else "")
 
 
 def aggregate(run_dir: str, config: RunConfig) -> dict[str, Any]:

@@ -58,6 +58,17 @@ def tiny() -> nn.Module:
 
 
 @pytest.fixture
+def prefect_server(tmp_path, monkeypatch):
+    """A real Prefect server (API and UI) for the test, in its own PREFECT_HOME."""
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    (tmp_path / "prefect").mkdir()
+    from flows.runtime import local_prefect_server
+
+    with local_prefect_server() as url:
+        yield url
+
+
+@pytest.fixture
 def browser():
     """Headless Chromium through Selenium and Debian's chromium-driver (no driver download)."""
     import shutil

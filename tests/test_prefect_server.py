@@ -1,6 +1,7 @@
 """Against a real Prefect server started (and stopped) by the test: `shapcam serve` registers a
 cron deployment, a run triggered from it completes, its state and artifacts are read back
-through the Prefect client, and the Prefect UI shows it in headless Chromium."""
+through the Prefect client, and the Prefect UI shows it, with its task logs, in headless
+Chromium."""
 
 from __future__ import annotations
 
@@ -18,16 +19,6 @@ from storage import open_run
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.real_weights
-
-
-@pytest.fixture
-def prefect_server(tmp_path, monkeypatch):
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
-    (tmp_path / "prefect").mkdir()
-    from flows.runtime import local_prefect_server
-
-    with local_prefect_server() as url:
-        yield url
 
 
 async def _wait_for_deployment(name: str, timeout: float):
@@ -105,6 +96,10 @@ def test_serve_schedules_a_deployment_whose_run_completes(prefect_server, tmp_pa
         WebDriverWait(browser, 90).until(
             lambda d: children[0].name in d.find_element(By.TAG_NAME, "body").text
             and "Completed" in d.find_element(By.TAG_NAME, "body").text)
+        # Its logs tab shows the task logs written on the Dask worker processes.
+        WebDriverWait(browser, 60).until(
+            lambda d: "images read" in d.find_element(By.TAG_NAME, "body").text
+            and "explain sample/mobilenet_v2 shard" in d.find_element(By.TAG_NAME, "body").text)
         time.sleep(2)  # let the charts finish drawing
         browser.save_screenshot(str(screenshot_dir / "prefect-ui-flow-run.png"))
         assert (screenshot_dir / "prefect-ui-flow-run.png").stat().st_size > 10_000

@@ -299,6 +299,27 @@ def test_query_cli(tmp_path):
     assert res.exit_code == 2 and "query failed" in res.output
     res = runner.invoke(app, ["query", str(tmp_path / "missing"), "select 1"])
     assert res.exit_code == 2 and "does not exist" in res.output
+    res = runner.invoke(app, ["query", str(tmp_path)])  # no SQL: the tables
+    assert res.exit_code == 0 and "metrics" in res.output and "manifest" in res.output
+
+
+def test_query_on_a_folder_of_runs_lists_them(tmp_path):
+    from flows.cli import app
+
+    for name in ("run-a", "run-b"):
+        make_store(tmp_path / name)
+        write_tables(tmp_path / name)
+    (tmp_path / "not-a-run").mkdir()
+    runner = CliRunner()
+    res = runner.invoke(app, ["query", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    listed = [line.split()[0] for line in res.output.splitlines()[2:]]
+    assert sorted(listed) == ["run-a", "run-b"] and "completed" in res.output
+    res = runner.invoke(app, ["query", str(tmp_path), "select * from metrics"])
+    assert res.exit_code == 2 and "folder of runs" in res.output and "run-b" in res.output
+    assert "Traceback" not in res.output and "Parser Error" not in res.output
+    with pytest.raises(StorageError, match="folder of runs, not a run"):
+        open_run(tmp_path)
 
 
 def test_library_layers_import_no_upper_layer():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -22,12 +22,21 @@ def fail(message: object) -> None:
 
 
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn the library's errors into one red line and exit status 2 (no traceback)."""
+def user_errors(resume: Callable[[], str] | None = None) -> Iterator[None]:
+    """Turn the library's errors into one red line and exit status 2 (no traceback), and a
+    stop by SIGTERM/SIGINT into one line (with ``resume()``: how to go on) and the shell's exit
+    status for that signal."""
+    from ..stops import Stopped
+
     try:
         yield
     except USER_ERRORS as exc:
         fail(exc)
+    except Stopped as stop:
+        hint = f"; {resume()}" if resume is not None else ""
+        typer.secho(f"stopped by {stop.name}: the flow run is marked Cancelled{hint}",
+                    fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(stop.exit_code) from None
 
 
 def offline_weights() -> None:

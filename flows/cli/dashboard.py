@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from ..runtime import stop_process
+from ..stops import Stopped, stop_signals
 from . import app
 from .common import fail
 
@@ -39,8 +40,20 @@ def dashboard(
            "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
            "--client.toolbarMode", "viewer",
            "--", "--runs", str(runs.resolve())]
-    with contextlib.suppress(KeyboardInterrupt):
-        raise typer.Exit(subprocess.call(cmd))
+    # Streamlit in its own session: SIGTERM or Ctrl-C reach this command, which stops it with
+    # its process group (a scheduler's SIGTERM would otherwise leave it serving).
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        with stop_signals():
+            code = proc.wait()
+    except Stopped as stop:
+        stop_process(proc, timeout=10)
+        typer.echo(f"dashboard stopped ({stop.name})")
+        raise typer.Exit(stop.exit_code) from None
+    finally:
+        if proc.poll() is None:
+            stop_process(proc, timeout=10)
+    raise typer.Exit(code)
 
 
 def _loopback(host: str) -> bool:

@@ -171,8 +171,6 @@ def evaluate(
                                  models=(ModelSpec(model, weights, layer),), n_images=n_images,
                                  seed=seed, protocol=protocol, causal=causal, preset=preset,
                                  pg_class=pg_class, settings=settings)
-        if dataset == "sample":
-            offline_weights()
         records = draw_records(open_dataset(dataset, config.root, split), n_images, seed)
         lm = load_model(model, weights, target_layer=layer, device=device or default_device())
         with tqdm(total=len(records), desc="evaluate", unit="img") as bar:

@@ -8,7 +8,6 @@ run option is a field of :class:`tasks.config.RunConfig` plus one line here).
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,7 +31,6 @@ from .common import (
     Store,
     Threads,
     Workers,
-    offline_weights,
     user_errors,
 )
 
@@ -102,12 +100,11 @@ def run(run_id: RunId = None, **options: Any) -> None:
 
     with user_errors():
         config = run_config(options)
-    if config.dataset == "sample":
-        offline_weights()
+        preflight(config, options["dask_address"])
     run_id = run_id or new_run_id()
     run_dir = run_dir_for(options["store"], run_id)
     typer.echo(f"run {run_id}, store {run_dir}")
-    with user_errors():
+    with user_errors(resume=lambda: _resume_hint(run_dir, run_id, config)):
         result = run_flow(explain_dataset, task_runner(options["dask_address"],
                                                        options["workers"], options["threads"]),
                           typer.echo, run_dir=run_dir, run_id=run_id, config=config.to_dict())
@@ -120,6 +117,30 @@ def run(run_id: RunId = None, **options: Any) -> None:
                f"{result['shards']} shards were already done)")
     typer.echo(f"report: {result['report']}\nquery:  shapcam query {run_dir} "
                "\"select method, avg(avg_drop) from metrics group by method\"")
+
+
+def preflight(config: RunConfig, dask_address: str | None) -> None:
+    """Before a server or cluster starts: the weights of every model load on this machine
+    (cached, from the offline package, or downloaded now). Skipped for a remote cluster, whose
+    workers have their own files and caches."""
+    from shapcam.models import ensure_weights
+
+    if dask_address is None:
+        for model in config.models:
+            ensure_weights(model.name, model.weights)
+
+
+def _resume_hint(run_dir: str, run_id: str, config: RunConfig) -> str:
+    from storage import SaliencyStore, StorageError
+
+    try:
+        store = SaliencyStore(run_dir)
+        status = [s for m in config.models for s in store.shard_status(config.dataset,
+                                                                       m.name).values()]
+        done = f"{sum(status)} of {len(status)} shards done"
+    except (StorageError, KeyError, OSError):
+        done = "no shard done"
+    return f"{done}; resume with the same command and --run-id {run_id}"
 
 
 @app.command()
@@ -142,6 +163,7 @@ def serve(
     """
     with user_errors():
         config = run_config(options)  # fail now, not at 2 am
+        preflight(config, options["dask_address"])
     from prefect import serve as prefect_serve
     from prefect.schedules import Cron
     from prefect.types.entrypoint import EntrypointType
@@ -157,7 +179,6 @@ def serve(
         description=f"shapcam run on {config.dataset} ({', '.join(config.methods)}), cron "
                     f"{cron!r} {timezone}")
     with prefect_api(typer.echo) as base:
-        os.environ["PREFECT_API_URL"] = f"{base}/api"  # the flow-run subprocesses inherit it
         typer.echo(f"deployment scheduled-explain/{name}, cron {cron!r} ({timezone}); trigger "
                    f"now with: PREFECT_API_URL={base}/api prefect deployment run "
                    f"scheduled-explain/{name}")
@@ -181,7 +202,10 @@ def evaluate_store(
 
     with user_errors():
         RunConfig(protocol=protocol)  # validates the name
-        run_id = SaliencyStore(run_dir).attrs["run_id"]
+        attrs = SaliencyStore(run_dir).attrs
+        run_id = attrs["run_id"]
+        preflight(RunConfig.from_dict(attrs["config"]), dask_address)
+    with user_errors(resume=lambda: "run the same command again to finish"):
         result = run_flow(evaluate_store_flow, task_runner(dask_address, workers, 1),
                           typer.echo, run_dir=_store(run_dir), run_id=run_id,
                           protocol=protocol, causal=causal)
@@ -215,17 +239,48 @@ def report(
 @app.command()
 def query(
     run: Annotated[str, typer.Argument(
-        help="Run folder or fsspec URL (holds maps.zarr, metrics/).")],
-    sql: Annotated[str, typer.Argument(
-        help="SQL over the views metrics, manifest and summary (DuckDB dialect).")],
+        help="Run folder or fsspec URL (holds maps.zarr, metrics/); a folder of runs lists "
+             "them.")],
+    sql: Annotated[str | None, typer.Argument(
+        help="SQL over the tables metrics, manifest, summary, training (DuckDB dialect, "
+             "read-only). Without it: the run's tables and their row counts.")] = None,
     csv: Annotated[Path | None, typer.Option(help="Also write the result as CSV.")] = None,
     max_rows: Annotated[int, typer.Option(help="Rows to print.")] = 50,
 ) -> None:
     """Query a run: e.g. "select method, avg(avg_drop) from metrics group by method"."""
-    from storage import open_run
+    from storage import NotARunError, open_run
 
     with user_errors():
-        df = open_run(run).sql(sql)
+        try:
+            handle = open_run(run)
+        except NotARunError as exc:
+            _list_runs(run, exc.runs, as_error=sql is not None)
+            return
+        df = handle.sql(sql) if sql else handle.sql(
+            "select table_name as \"table\", estimated_size as \"rows\", column_count as "
+            "columns from duckdb_tables() order by table_name")
     typer.echo(df.to_string(max_rows=max_rows, index=False))
     if csv is not None:
         df.to_csv(csv, index=False)
+
+
+def _list_runs(store: str, names: list[str], as_error: bool) -> None:
+    """The runs of a ``--store`` folder with their status, as the dashboard lists them."""
+    from dashboards.data import list_runs, runs_frame
+
+    runs = list_runs(store) if "://" not in store else []
+    if runs:
+        frame = runs_frame(runs)[["run_id", "dataset", "models", "images", "status"]]
+        frame.insert(0, "folder", [Path(r.path).name for r in runs])
+        text = frame.to_string(index=False)
+    else:
+        text = "\n".join(names)
+    if as_error:
+        typer.secho(f"{store} is a folder of runs; query one of them, e.g. shapcam query "
+                    f"{Path(store) / names[0]} \"select ...\". Runs:", err=True,
+                    fg=typer.colors.RED)
+        typer.echo(text, err=True)
+        raise typer.Exit(2)
+    typer.echo(f"runs in {store} (query one: shapcam query {Path(store) / names[0]} "
+               "\"select ...\"):")
+    typer.echo(text)

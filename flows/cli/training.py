@@ -79,8 +79,9 @@ def distill(
         fail(f"teacher checkpoint {teacher_checkpoint} does not exist")
     run_dir, run_id = local_run_dir(store, run_id)
     typer.echo(f"run {run_id}, folder {run_dir}")
-    result = run_flow(distill_flow, task_runner(dask_address, workers, threads), typer.echo,
-                      run_dir=run_dir, run_id=run_id, spec=spec.to_dict())
+    with user_errors(resume=lambda: f"resume from the checkpoints with --run-id {run_id}"):
+        result = run_flow(distill_flow, task_runner(dask_address, workers, threads),
+                          typer.echo, run_dir=run_dir, run_id=run_id, spec=spec.to_dict())
     typer.echo("\n" + result["markdown"] + f"\n\nreport: {result['report']}")
 
 
@@ -102,15 +103,20 @@ def finetune_voc(
     threads: Threads = _FT.threads, dask_address: DaskAddress = None,
 ) -> None:
     """Fine-tune an ImageNet model on VOC2007 (20 classes, multi-label BCE); report mAP."""
+    from shapcam.models import ensure_weights
+
     from ..training import finetune_voc as finetune_flow
 
-    spec = FinetuneSpec(root=str(root.resolve()), model=model, weights=weights, epochs=epochs,
-                        lr=lr, batch_size=batch_size, train_split=train_split,
-                        test_split=test_split, limit=limit, seed=seed, device=device,
-                        threads=threads)
+    with user_errors():
+        spec = FinetuneSpec(root=str(root.resolve()), model=model, weights=weights,
+                            epochs=epochs, lr=lr, batch_size=batch_size,
+                            train_split=train_split, test_split=test_split, limit=limit,
+                            seed=seed, device=device, threads=threads)
+        if dask_address is None:
+            ensure_weights(spec.model, spec.weights)
     run_dir, run_id = local_run_dir(store, run_id)
     typer.echo(f"run {run_id}, folder {run_dir}")
-    with user_errors():
+    with user_errors(resume=lambda: f"resume with --run-id {run_id}"):
         result = run_flow(finetune_flow, task_runner(dask_address, 1, threads), typer.echo,
                           run_dir=run_dir, run_id=run_id, spec=spec.to_dict())
     typer.echo("\n" + result["markdown"] + f"\nexplain with: shapcam run --dataset voc --root "
