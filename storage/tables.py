@@ -13,7 +13,9 @@ reader never sees half a file and a killed writer leaves no partial file under i
 
 from __future__ import annotations
 
+import json
 import os
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -100,12 +102,27 @@ TRAINING_SCHEMA = pa.schema([
 
 
 def _atomic_write(table: pa.Table, root: str | os.PathLike[str], *parts: str) -> str:
-    """Write ``table`` under the run ``root`` (local path or fsspec URL), all or nothing."""
+    """Write ``table`` under the run ``root`` (local path or fsspec URL), all or nothing, then
+    its checksum record (:func:`checksum_parts`), which ``shapcam verify`` checks."""
     loc = Location(root)
     with storage_errors(loc.path(*parts)):
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf, compression="zstd")
-        return loc.write_bytes(buf.getvalue().to_pybytes(), *parts)
+        data = buf.getvalue().to_pybytes()
+        path = loc.write_bytes(data, *parts)
+        loc.write_bytes(json.dumps(file_checksum(data)).encode(), *checksum_parts(*parts))
+        return path
+
+
+def file_checksum(data: bytes) -> dict[str, int]:
+    """What a checksum record holds: the size and CRC-32 of a file's bytes."""
+    return {"bytes": len(data), "crc32": zlib.crc32(data)}
+
+
+def checksum_parts(*parts: str) -> tuple[str, ...]:
+    """Where the checksum record of the file at ``parts`` lives (a mirror under
+    ``checksums/``, outside the folders that readers scan)."""
+    return ("checksums", *parts[:-1], parts[-1] + ".json")
 
 
 def _table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema, what: str) -> pa.Table:

@@ -107,3 +107,54 @@ def test_presets_fill_options_and_set_overrides_them():
     assert resolve_preset("paper", ["rise"], {}) == ({}, 224)
     with pytest.raises(ShapCAMError, match="unknown preset 'fast'.*paper, quick"):
         resolve_preset("fast", ["rise"], {})
+
+
+@pytest.mark.real_weights
+def test_damage_is_found_and_repair_recomputes_exactly_those_shards(mobilenet, tmp_path):
+    """A flipped byte in a Zarr chunk, a truncated Parquet file and a deleted completion
+    record are each found with the shard to recompute; repairing recomputes those shards only,
+    to the same results."""
+    from datetime import UTC, datetime
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from storage.verify import mark_for_repair, verify_run
+    from tasks.pipeline import write_run_manifest
+
+    run_dir = tmp_path / "run"
+    config = config_for(tmp_path / "data", n_images=6, shard_size=1)
+    plan, _, _ = run_all(run_dir, config)
+    write_run_manifest(str(run_dir), "run-test", config, plan, datetime.now(UTC))
+    assert verify_run(run_dir).ok
+    before = open_run(run_dir).metrics().sort_values(["method", "image_id"])
+    records = run_dir / "shards" / "sample" / "mobilenet_v2"
+    # shard 1: a flipped byte in its Shap-CAM map chunk
+    chunk = run_dir / "maps.zarr" / "sample" / "mobilenet_v2" / "shapcam" / "maps" / "c" / "1"
+    chunk = next(p for p in chunk.rglob("*") if p.is_file())
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    chunk.write_bytes(bytes(data))
+    # shard 3: a truncated metrics file; shard 4: its completion record deleted
+    metrics = next((run_dir / "metrics").rglob("method=gradcam/shard-00003-scorecam.parquet"))
+    metrics.write_bytes(metrics.read_bytes()[:100])
+    (records / "shard-00004.json").unlink()
+    report = verify_run(run_dir)
+    assert report.shards() == {("sample", "mobilenet_v2"): [1, 3, 4]}, report.problems
+    whats = " | ".join(p.what for p in report.problems)
+    assert "chunk 1 unreadable" in whats and "checksum mismatch" in whats
+    assert "no completion record" in whats
+    res = CliRunner().invoke(app, ["verify", str(run_dir)])
+    assert res.exit_code == 1 and "DAMAGED [sample/mobilenet_v2 shard 1]" in res.output
+    untouched = {p.name: p.stat().st_mtime_ns for p in records.glob("*.json")
+                 if p.name in ("shard-00000.json", "shard-00002.json", "shard-00005.json")}
+    assert mark_for_repair(run_dir, report) == [("sample", "mobilenet_v2", k) for k in (1, 3, 4)]
+    _, again, _ = run_all(run_dir, config)
+    assert [s["shard"] for s in again if not s["skipped"]] == [1, 1, 3, 3, 4, 4]
+    assert {p.name: p.stat().st_mtime_ns for p in records.glob("*.json")
+            if p.name in untouched} == untouched
+    write_run_manifest(str(run_dir), "run-test", config, plan, datetime.now(UTC))
+    assert verify_run(run_dir).ok
+    after = open_run(run_dir).metrics().sort_values(["method", "image_id"])
+    assert after["avg_drop"].tolist() == pytest.approx(before["avg_drop"].tolist(), rel=1e-6)
+    assert CliRunner().invoke(app, ["verify", str(run_dir)]).exit_code == 0

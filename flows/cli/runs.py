@@ -31,6 +31,7 @@ from .common import (
     Store,
     Threads,
     Workers,
+    fail,
     user_errors,
 )
 
@@ -91,7 +92,9 @@ def _store(store: str) -> str:
 
 @app.command()
 @with_run_options
-def run(run_id: RunId = None, **options: Any) -> None:
+def run(run_id: RunId = None, repair: Annotated[bool, typer.Option(
+        help="Verify the run first and recompute its damaged shards (see `shapcam verify`).")
+        ] = False, **options: Any) -> None:
     """Run the explain-dataset flow (Prefect + Dask): maps to Zarr, metrics to Parquet, report."""
     from dashboards.render import markdown
     from tasks.reports import caption, paper_table
@@ -101,9 +104,13 @@ def run(run_id: RunId = None, **options: Any) -> None:
     with user_errors():
         config = run_config(options)
         preflight(config, options["dask_address"])
+    if repair and run_id is None:
+        fail("--repair needs the --run-id of the run to repair")
     run_id = run_id or new_run_id()
     run_dir = run_dir_for(options["store"], run_id)
     typer.echo(f"run {run_id}, store {run_dir}")
+    if repair:
+        _repair(run_dir)
     with user_errors(resume=lambda: _resume_hint(run_dir, run_id, config)):
         result = run_flow(explain_dataset, task_runner(options["dask_address"],
                                                        options["workers"], options["threads"]),
@@ -117,6 +124,38 @@ def run(run_id: RunId = None, **options: Any) -> None:
                f"{result['shards']} shards were already done)")
     typer.echo(f"report: {result['report']}\nquery:  shapcam query {run_dir} "
                "\"select method, avg(avg_drop) from metrics group by method\"")
+
+
+def _repair(run_dir: str) -> None:
+    from storage.verify import mark_for_repair, verify_run
+
+    with user_errors():
+        report = verify_run(run_dir)
+        marked = mark_for_repair(run_dir, report)
+    shards = ", ".join(f"{d}/{m} shard {k}" for d, m, k in marked) or "none"
+    typer.echo(f"verified {report.chunks} chunks and {report.parquet_files} Parquet files: "
+               f"{len(report.problems)} problem(s); recomputing {shards}")
+
+
+@app.command()
+def verify(run_dir: Annotated[str, typer.Argument(
+        help="Run folder (or URL) written by `shapcam run`.")]) -> None:
+    """Read a run end to end: checksums of every Zarr chunk and Parquet file, completion
+    records; list what is damaged with the shard that recomputes it (exit status 1)."""
+    from storage.verify import verify_run
+
+    with user_errors():
+        report = verify_run(run_dir)
+    typer.echo(f"{run_dir}: {report.chunks} chunks, {report.parquet_files} Parquet files read")
+    if report.ok:
+        typer.echo("no damage found")
+        return
+    for p in report.problems:
+        where = f"{p.dataset}/{p.model} shard {p.shard}" if p.shard is not None else "run"
+        typer.echo(f"DAMAGED [{where}] {p.path}: {p.what}")
+    typer.echo(f"{len(report.problems)} problem(s); recompute them with the run's command "
+               "and --run-id ID --repair")
+    raise typer.Exit(1)
 
 
 def preflight(config: RunConfig, dask_address: str | None) -> None:
