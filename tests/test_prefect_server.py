@@ -103,9 +103,15 @@ def test_serve_schedules_a_deployment_whose_run_completes(prefect_server, tmp_pa
         time.sleep(2)  # let the charts finish drawing
         browser.save_screenshot(str(screenshot_dir / "prefect-ui-flow-run.png"))
         assert (screenshot_dir / "prefect-ui-flow-run.png").stat().st_size > 10_000
+        # A scheduler's SIGTERM stops `shapcam serve` within 15 s, with nothing left behind.
+        import psutil
+
+        descendants = psutil.Process(serve.pid).children(recursive=True)
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=15)
+        _, alive = psutil.wait_procs(descendants, timeout=3)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
     finally:
-        os.killpg(serve.pid, signal.SIGINT)  # Ctrl-C: the runner stops gracefully
-        try:
-            serve.wait(timeout=30)
-        except subprocess.TimeoutExpired:
+        if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait()

@@ -181,7 +181,8 @@ class ShapCAM(CAMMethod):
     """Shap-CAM saliency maps.
 
     Args:
-        model: a :class:`~shapcam.models.LoadedModel` or an ``nn.Module`` in eval mode.
+        model: a :class:`~shapcam.models.LoadedModel` or an ``nn.Module`` (explained in eval
+            mode; the caller's mode is restored after each call).
         target_layer: module whose output positions are the players (default: the model's).
         permutations: orders ``K`` per image (per round when adaptive). Cost: ``K * (n - 1) + 2``
             value evaluations per image; on GAP+FC and VGG heads the fast path makes each
