@@ -78,7 +78,9 @@ def summary(run: Run, dataset: str, model: str, protocol: str, info: data.RunInf
     except StorageError as exc:
         st.warning(str(exc))
         return
-    st.table(table.style.format("{:.3f}", na_rep="n/a"))  # small: static HTML
+    counts = [r for r in table.index if r.startswith(data.COUNT_ROWS)]
+    st.table(table.style.format("{:.3f}", na_rep="n/a")  # small: static HTML
+             .format("{:.0f}", na_rep="n/a", subset=pd.IndexSlice[counts, :]))
     st.caption(f"protocol `{protocol}`, preset `{info.preset or 'paper'}`, "
                f"{info.images} images")
 

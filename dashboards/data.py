@@ -25,6 +25,10 @@ METRICS = {"avg_drop": "Average Drop % (lower is better)", "increase": "Increase
            "insertion": "Insertion AUC (higher)"}
 
 
+#: Summary rows that are image counts, not metric values (shapcam.evaluate.POINTING_COUNTS).
+COUNT_ROWS = "Pointing game:"
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """One row of the run list; ``problem`` says why a run cannot be opened (or is partial)."""

@@ -92,7 +92,10 @@ def test_paper_table_is_the_stored_summary(runs):
     table = data.paper_table(run, "sample", "mobilenet_v2", "scorecam")
     assert list(table.columns) == ["Grad-CAM", "Shap-CAM"]
     assert table.index[0].startswith("Average Drop")
-    assert len(table) == 5
+    assert len(table) == 7  # five metrics, then the pointing game's two image counts
+    scored = [r for r in table.index if r.startswith(data.COUNT_ROWS)][0]
+    gradcam = run.metrics(filters=[("method", "=", "gradcam")])
+    assert table.loc[scored, "Grad-CAM"] == gradcam["proportion"].notna().sum()
     summary = run.sql("select method, metric, value from summary")
     for r in summary.to_dict("records"):
         got = table.loc[r["metric"], data.method_titles(run)[r["method"]]]
