@@ -1,4 +1,4 @@
-"""Clean stops and lost workers: SIGTERM/SIGINT end `shapcam run` and `shapcam dashboard`
+"""Clean stops and lost workers: SIGTERM/SIGINT end `shapcam run`, `distill` and `dashboard`
 within 15 s with no process left, the flow run is Cancelled (read back from a real Prefect
 server, with the task logs that reached it from the Dask worker processes), rerunning the id
 resumes, and a worker process killed in the middle of a task costs nothing but time."""
@@ -178,3 +178,23 @@ def test_dashboard_stops_with_its_server(tmp_path, sig):
     out, _ = _stop(proc, sig)
     assert proc.returncode == 128 + sig, out
     assert "warning: the dashboard has no login" in out
+
+
+def test_distill_stops_cleanly(tmp_path):
+    """`shapcam distill` goes through the same stop path: SIGTERM in the middle of the teacher's
+    training, exit within 15 s, nothing left, a resume hint."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO)}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from flows.cli import app; app()", "distill", "--dataset",
+         "digits", "--epochs", "20", "--variants", "ce", "--store", str(tmp_path / "runs"),
+         "--run-id", "d", "--workers", "1"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    epochs = tmp_path / "runs" / "d" / "training" / "config=teacher"
+    deadline = time.monotonic() + 240
+    while not (epochs.is_dir() and any(epochs.glob("*.parquet"))):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.5)
+    out, _ = _stop(proc, signal.SIGTERM)
+    assert proc.returncode == 143, out
+    assert "stopped by SIGTERM" in out and "--run-id d" in out
