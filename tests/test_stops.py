@@ -51,6 +51,16 @@ def _wait_for_shards(proc: subprocess.Popen, tmp_path: Path, run_id: str, n: int
         time.sleep(0.2)
 
 
+def _leave_work(tmp_path: Path, run_id: str, keep: int) -> int:
+    """Tasks running at a stop may still finish during the cluster's shutdown, so on a fast
+    machine few shards may be left to resume: forget the completion records beyond ``keep``
+    (those shards are recomputed identically) so the next phase has work. Returns the count."""
+    records = tmp_path / "runs" / run_id / "shards" / "sample" / "mobilenet_v2"
+    while _shards(tmp_path, run_id) > keep:
+        sorted(records.glob("*.json"))[-1].unlink()
+    return _shards(tmp_path, run_id)
+
+
 def _stop(proc: subprocess.Popen, sig: int) -> tuple[str, list[str]]:
     """Send ``sig`` to the command only (as a scheduler does); it must exit within 15 s and
     leave none of its descendants (Prefect server, Dask workers) behind. Returns the output
@@ -107,26 +117,37 @@ def test_a_stopped_run_is_cancelled_leaves_nothing_and_resumes(mobilenet, prefec
     lines = [log.message for log in logs]
     assert any(m.startswith("explain sample/mobilenet_v2 shard") and "images read" in m
                for m in lines), lines  # logged on a Dask worker process, shown in the UI
-    done = _shards(tmp_path, "stopped")
-    assert 1 <= done < 6
+    assert _shards(tmp_path, "stopped") >= 1
     # 2. SIGINT (Ctrl-C) with a local server the command started: it goes too.
+    done = _leave_work(tmp_path, "stopped", 3)
     proc = _run(tmp_path, "stopped")
     _wait_for_shards(proc, tmp_path, "stopped", done + 1)
     out, cmdlines = _stop(proc, signal.SIGINT)
     assert proc.returncode == 130, out
     assert any("prefect server start" in c for c in cmdlines)  # it ran, and it is gone
     # 3. Resume to the end while a Dask worker process is killed in the middle of a task.
+    _leave_work(tmp_path, "stopped", 3)
     proc = _run(tmp_path, "stopped")
-    _wait_for_shards(proc, tmp_path, "stopped", _shards(tmp_path, "stopped") + 1)
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if "spawn_main" in " ".join(p.cmdline())]
-    assert len(workers) == 2
-    workers[0].kill()
+    _kill_a_busy_worker(proc)
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out
     status = SaliencyStore(tmp_path / "runs" / "stopped").shard_status("sample", "mobilenet_v2")
     assert all(status.values())
     _equal_to_the_plain_loop(mobilenet, tmp_path, open_run(tmp_path / "runs" / "stopped"))
+
+
+def _kill_a_busy_worker(proc: subprocess.Popen) -> None:
+    """SIGKILL a Dask worker process while it computes (CPU-bound: inside a task)."""
+    deadline = time.monotonic() + 240
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "spawn_main" in " ".join(p.cmdline())]
+        busy = [w for w in workers if w.cpu_percent(interval=0.5) > 60] if len(workers) == 2 \
+            else []
+        if busy:
+            busy[0].kill()
+            return
 
 
 def _equal_to_the_plain_loop(mobilenet, tmp_path: Path, run) -> None:
