@@ -51,6 +51,13 @@ def _wait_for_shards(proc: subprocess.Popen, tmp_path: Path, run_id: str, n: int
         time.sleep(0.2)
 
 
+def _cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:  # already gone, or a zombie
+        return ""
+
+
 def _leave_work(tmp_path: Path, run_id: str, keep: int) -> int:
     """Tasks running at a stop may still finish during the cluster's shutdown, so on a fast
     machine few shards may be left to resume: forget the completion records beyond ``keep``
@@ -67,14 +74,14 @@ def _stop(proc: subprocess.Popen, sig: int) -> tuple[str, list[str]]:
     and the descendants' command lines."""
     descendants = psutil.Process(proc.pid).children(recursive=True)
     assert descendants, "the command started no process?"
-    cmdlines = [" ".join(p.cmdline()) for p in descendants]
+    cmdlines = [_cmdline(p) for p in descendants]
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=15)
     _, alive = psutil.wait_procs(descendants, timeout=3)
     alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
     for p in alive:
         p.kill()
-    assert not alive, f"left behind: {[' '.join(p.cmdline())[:80] for p in alive]}"
+    assert not alive, f"left behind: {[_cmdline(p)[:80] for p in alive]}"
     return out, cmdlines
 
 
@@ -141,10 +148,13 @@ def _kill_a_busy_worker(proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + 240
     while True:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                   if "spawn_main" in " ".join(p.cmdline())]
-        busy = [w for w in workers if w.cpu_percent(interval=0.5) > 60] if len(workers) == 2 \
-            else []
+        try:  # children come and go (a resource tracker exits, a worker restarts)
+            workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                       if "spawn_main" in " ".join(p.cmdline())]
+            busy = [w for w in workers if w.cpu_percent(interval=0.5) > 60] \
+                if len(workers) == 2 else []
+        except psutil.Error:
+            continue
         if busy:
             busy[0].kill()
             return
