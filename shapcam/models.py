@@ -92,6 +92,13 @@ def _weights_enum(name: str, spec: str) -> torchvision.models.WeightsEnum:
         ) from None
 
 
+def _check_name(name: str) -> None:
+    names = available_models()
+    if name not in names:
+        raise ShapCAMError(f"unknown model {name!r}; torchvision classifiers include: "
+                           f"{_suggest(name, names)}")
+
+
 def _is_path(spec: str) -> bool:
     return os.path.sep in spec or spec.endswith((".pth", ".pt", ".bin")) or Path(spec).is_file()
 
@@ -101,9 +108,7 @@ def ensure_weights(name: str, weights: str | os.PathLike[str] | None) -> None:
     file exists, or an enum's checkpoint is cached (from the offline package or a download,
     made now). Raises one :class:`ShapCAMError` saying what works otherwise."""
     spec = "random" if weights is None else str(weights)
-    if name not in available_models():
-        raise ShapCAMError(f"unknown model {name!r}; torchvision classifiers include: "
-                           f"{_suggest(name, available_models())}")
+    _check_name(name)
     if spec == "random":
         return
     if _is_path(spec):
@@ -212,10 +217,7 @@ def load_model(
         device: where the model lives; everything computed from it stays there.
         categories: class names; defaults to the weights' metadata or the ImageNet names.
     """
-    names = available_models()
-    if name not in names:
-        raise ShapCAMError(f"unknown model {name!r}; torchvision classifiers include: "
-                           f"{_suggest(name, names)}")
+    _check_name(name)
     spec = "random" if weights is None else str(weights)
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if spec == "random":
