@@ -1,11 +1,12 @@
-"""The ``explain-dataset`` flow: plan -> explain shard -> evaluate shard -> aggregate -> report,
-and ``evaluate-store`` (another protocol variant from a run's stored maps).
+"""The ``explain-dataset`` flow: plan -> process shard (maps, then metrics) -> aggregate ->
+report, and ``evaluate-store`` (another protocol variant from a run's stored maps).
 
-Each shard's evaluation is submitted right behind its explanation (``wait_for`` that one task
-only), so a shard is evaluated as soon as its maps exist; there is no global barrier. Tasks run on
-Dask (prefect-dask's ``DaskTaskRunner``): a local cluster by default, an existing scheduler with
-``--dask-address``. With CUDA every task asks for one ``GPU`` resource, so a cluster whose
-workers declare ``--resources GPU=1`` runs one task per GPU.
+One task per shard explains it and evaluates it from the same decoded images (each image is read
+and decoded once), so a shard's metrics exist as soon as its maps do; there is no global barrier.
+Tasks run on Dask (prefect-dask's ``DaskTaskRunner``): a local cluster by default (one worker
+per GPU with CUDA), an existing scheduler with ``--dask-address``. Every task asks for the run's
+resources (``GPU=1`` with CUDA), and the flow checks first that some worker offers them, so a
+cluster without them fails within ``resource_wait`` seconds instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -27,13 +28,19 @@ from tqdm import tqdm
 from shapcam.errors import ShapCAMError
 from storage import SaliencyStore
 from tasks.config import RunConfig
-from tasks.pipeline import aggregate, evaluate_shard, explain_shard, plan_run, write_run_manifest
+from tasks.pipeline import (
+    aggregate,
+    evaluate_shard,
+    plan_run,
+    process_shard,
+    write_run_manifest,
+)
 from tasks.reports import tables_markdown, write_report
 
-from .runtime import artifact_key, gpu_annotation
+from .runtime import artifact_key, require_resources, resource_annotation
 
-explain_task = task(explain_shard, name="explain_shard", retries=2, retry_delay_seconds=5,
-                    persist_result=False)
+shard_task = task(process_shard, name="process_shard", retries=2, retry_delay_seconds=5,
+                  persist_result=False)
 evaluate_task = task(evaluate_shard, name="evaluate_shard", retries=2, retry_delay_seconds=5,
                      persist_result=False)
 
@@ -65,19 +72,17 @@ def explain_dataset(run_dir: str, run_id: str, config: dict[str, Any]) -> dict[s
                 len(shards), len(cfg.models), run_dir)
     progress = create_progress_artifact(0.0, key=artifact_key("progress", run_id),
                                         description=f"shards done of {total}")
+    require_resources(cfg.task_resources, cfg.resource_wait)
     tasks_started = time.perf_counter()
     futures = []
-    with gpu_annotation(cfg.device):
+    with resource_annotation(cfg.task_resources):
         for model in cfg.models:
             for k, records in enumerate(shards):
-                label = f"{model.name} shard {k + 1}/{len(shards)}"
-                e = explain_task.with_options(task_run_name=f"explain {label}").submit(
-                    run_dir, cfg, model, k, records)
-                futures.append(evaluate_task.with_options(
-                    task_run_name=f"evaluate {label}").submit(run_dir, cfg, model, k, records,
-                                                               wait_for=[e]))
-    # One future per shard (its evaluation, which waits for its explanation): the progress
-    # artifact for the UI, a bar for the terminal; a task's exception stops here.
+                futures.append(shard_task.with_options(
+                    task_run_name=f"{model.name} shard {k + 1}/{len(shards)}").submit(
+                    run_dir, cfg, model, k, records))
+    # One future per shard: the progress artifact for the UI, a bar for the terminal; a task's
+    # exception stops here.
     with tqdm(total=len(futures), desc=f"run {run_id}", unit="shard") as bar:
         for done, fut in enumerate(as_completed(futures), start=1):
             summary = fut.result()
@@ -110,8 +115,9 @@ def evaluate_store(run_dir: str, run_id: str, protocol: str = "scorecam",
     store = SaliencyStore(run_dir)
     cfg = RunConfig.from_dict(store.attrs["config"]).replace(protocol=protocol, causal=causal)
     plan = plan_run(run_dir, run_id, cfg)  # idempotent: same sample, same tables
+    require_resources(cfg.task_resources, cfg.resource_wait)
     futures = []
-    with gpu_annotation(cfg.device):
+    with resource_annotation(cfg.task_resources):
         for model in cfg.models:
             for k, records in enumerate(plan["shards"]):
                 if not store.completed(cfg.dataset, model.name, k):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from shapcam.errors import ShapCAMError
+from tasks.config import device_resources
 
 DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
@@ -194,9 +195,13 @@ def run_flow(flow: Any, runner: Any, announce: Callable[[str], None] = print,
             raise stop from None
 
 
-def task_runner(dask_address: str | None, workers: int, threads: int) -> Any:
-    """prefect-dask's runner: an existing scheduler, or a local cluster of worker processes
-    with ``threads`` torch threads each (one task at a time per worker)."""
+def task_runner(dask_address: str | None, workers: int, threads: int, *,
+                device: str = "cpu", gpus: str | None = None,
+                resources: dict[str, float] | None = None) -> Any:
+    """prefect-dask's runner: an existing scheduler, or a local cluster (:func:`local_cluster`):
+    ``workers`` processes with ``threads`` torch threads each on CPU, one worker per GPU of
+    ``gpus`` (default: every visible GPU) with CUDA. Local workers declare ``resources`` (the
+    tasks' own: they run there by construction)."""
     import dask
     from prefect_dask import DaskTaskRunner
 
@@ -207,19 +212,98 @@ def task_runner(dask_address: str | None, workers: int, threads: int) -> Any:
                      "distributed.worker.memory.target": False})
     if dask_address:
         return DaskTaskRunner(address=dask_address)
-    return DaskTaskRunner(cluster_kwargs={
-        "n_workers": workers, "threads_per_worker": 1, "processes": True,
-        "dashboard_address": ":0",
-        "env": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}})
+    devices = visible_gpus(gpus) if device.startswith("cuda") else None
+    return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs={
+        "n_workers": workers, "threads": threads, "devices": devices,
+        "resources": resources if resources is not None else device_resources(device)})
 
 
-def gpu_annotation(device: str) -> contextlib.AbstractContextManager[Any]:
-    """With CUDA, tasks submitted inside ask for one ``GPU`` resource of their Dask worker."""
-    if device.startswith("cuda"):
+def visible_gpus(gpus: str | None = None) -> list[str]:
+    """The CUDA devices of a local GPU cluster: ``gpus`` (``"0,1"``), else every device this
+    process sees (the entries of ``CUDA_VISIBLE_DEVICES`` when it is set)."""
+    if gpus is not None:
+        chosen = [g.strip() for g in gpus.split(",") if g.strip()]
+        if not chosen:
+            raise ShapCAMError(f"--gpus {gpus!r}: give device indices, e.g. --gpus 0,1")
+        return chosen
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise ShapCAMError("--device cuda: no CUDA device is visible here "
+                           "(torch.cuda.device_count() is 0); use --device cpu, or "
+                           "--dask-address of a cluster whose workers have GPUs")
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+               if v.strip()]
+    return visible[:count] if visible else [str(i) for i in range(count)]
+
+
+def local_cluster(n_workers: int = DEFAULT_WORKERS, threads: int = 1,
+                  devices: list[str] | None = None, resources: dict[str, float] | None = None,
+                  **kwargs: Any) -> Any:
+    """A local Dask cluster of worker processes (nannies), one task at a time each.
+
+    With ``devices``: one worker per device, pinned to it with ``CUDA_VISIBLE_DEVICES`` (it
+    sees one GPU, ``cuda:0``) and named ``gpu-<device>`` -- what dask-cuda's
+    ``LocalCUDACluster`` does, without its dependency. Every worker declares ``resources``.
+    """
+    from distributed import Nanny, Scheduler, SpecCluster
+    from distributed.system import MEMORY_LIMIT
+
+    pins: list[str | None] = list(devices) if devices else [None] * n_workers
+    base = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    workers = {}
+    for i, dev in enumerate(pins):
+        env = base | ({"CUDA_VISIBLE_DEVICES": dev} if dev is not None else {})
+        workers[f"gpu-{dev}" if dev is not None else f"cpu-{i}"] = {"cls": Nanny, "options": {
+            "nthreads": 1, "env": env, "resources": dict(resources or {}) or None,
+            "memory_limit": MEMORY_LIMIT // len(pins), "host": "127.0.0.1"}}
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": ":0"}}
+    return SpecCluster(workers=workers, scheduler=scheduler, name="shapcam-local", **kwargs)
+
+
+def resource_annotation(resources: dict[str, float]) -> contextlib.AbstractContextManager[Any]:
+    """Tasks submitted inside ask their Dask worker for ``resources`` (none: no annotation)."""
+    if resources:
         import dask
 
-        return dask.annotate(resources={"GPU": 1})
+        return dask.annotate(resources=dict(resources))
     return contextlib.nullcontext()
+
+
+def require_resources(resources: dict[str, float], wait: float, poll: float = 1.0) -> int:
+    """Inside a flow on a Dask runner: wait up to ``wait`` seconds for a worker that offers
+    ``resources``, return how many do; none is an error naming the resource and the fix.
+
+    Dask keeps a task that asks for a resource no worker has pending forever, silently.
+    """
+    if not resources:
+        return 0
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    client = getattr(getattr(context, "task_runner", None), "client", None)
+    if client is None:  # not on a Dask runner: nothing to check
+        return 0
+    deadline = time.monotonic() + wait
+    while True:
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        offering = [w for w in workers if all(
+            (w.get("resources") or {}).get(k, 0) >= v for k, v in resources.items())]
+        if offering or time.monotonic() >= deadline:
+            break
+        time.sleep(poll)
+    if offering:
+        return len(offering)
+    asked = ",".join(f"{k}={v}" for k, v in resources.items())
+    seen = sorted({",".join(f"{k}={v}" for k, v in (w.get("resources") or {}).items())
+                   or "none" for w in workers})
+    raise ShapCAMError(
+        f"no Dask worker offers the resource {asked} that every task asks for "
+        f"({len(workers)} worker(s) connected after {wait:.0f} s, offering: "
+        f"{'; '.join(seen) or 'nothing'}); start the workers with `dask worker ADDRESS "
+        f"--resources {asked.split(',')[0]}` (one per GPU), or ask for other resources with "
+        "--task-resources (none: no resource)")
 
 
 def artifact_key(*parts: str) -> str:

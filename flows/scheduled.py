@@ -22,8 +22,8 @@ from .runtime import DEFAULT_WORKERS, new_run_id, run_dir_for, task_runner
 
 @flow(name="scheduled-explain", flow_run_name="scheduled {config[dataset]} run")
 def scheduled_explain(config: dict[str, Any], store: str = "runs", run_id: str | None = None,
-                      workers: int = DEFAULT_WORKERS, dask_address: str | None = None
-                      ) -> dict[str, Any]:
+                      workers: int = DEFAULT_WORKERS, dask_address: str | None = None,
+                      gpus: str | None = None) -> dict[str, Any]:
     """``shapcam run`` as a deployable flow: the same config, the same results."""
     cfg = RunConfig.from_dict(config)
     run_id = run_id or new_run_id(flow_run.scheduled_start_time)
@@ -31,6 +31,7 @@ def scheduled_explain(config: dict[str, Any], store: str = "runs", run_id: str |
         from shapcam.weights import install_offline_weights
 
         install_offline_weights()
-    runner = task_runner(dask_address, workers, cfg.threads or 1)
+    runner = task_runner(dask_address, workers, cfg.threads or 1, device=cfg.device, gpus=gpus,
+                         resources=cfg.task_resources)
     return explain_dataset.with_options(task_runner=runner)(
         run_dir=run_dir_for(store, run_id), run_id=run_id, config=cfg.to_dict())

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from dashboards import render
 from shapcam.training.distillation import parse_variants
-from tasks.config import DistillSpec, FinetuneSpec
+from tasks.config import DistillSpec, FinetuneSpec, device_resources
 from tasks.training import (
     distill_table,
     finetune_voc_task,
@@ -34,7 +34,7 @@ from tasks.training import (
     write_training_report,
 )
 
-from .runtime import artifact_key, gpu_annotation
+from .runtime import artifact_key, require_resources, resource_annotation
 
 teacher_t = task(teacher_task, name="teacher", retries=1, persist_result=False)
 maps_t = task(teacher_maps_task, name="teacher_maps", retries=1, persist_result=False)
@@ -72,7 +72,8 @@ def distill(run_dir: str, run_id: str, spec: dict[str, Any]) -> dict[str, Any]:
     total = 1 + len(methods) + len(variants)
     progress = create_progress_artifact(0.0, key=artifact_key("progress", run_id),
                                         description=f"training tasks done of {total}")
-    with gpu_annotation(s.device):
+    require_resources(device_resources(s.device), 60)
+    with resource_annotation(device_resources(s.device)):
         teacher = teacher_t.with_options(task_run_name=f"teacher {s.teacher}").submit(
             run_dir, run_id, s)
         maps = {m: maps_t.with_options(task_run_name=f"teacher maps {m}").submit(
@@ -102,7 +103,8 @@ def finetune_voc(run_dir: str, run_id: str, spec: dict[str, Any]) -> dict[str, A
     """Fine-tune an ImageNet model on VOC2007 (multi-label) and save weights for `shapcam run
     --dataset voc --models NAME:WEIGHTS`. ``spec``: a :class:`tasks.config.FinetuneSpec`."""
     s = FinetuneSpec.from_dict(spec)
-    with gpu_annotation(s.device):
+    require_resources(device_resources(s.device), 60)
+    with resource_annotation(device_resources(s.device)):
         result = finetune_t.with_options(task_run_name=f"finetune {s.model}").submit(
             run_dir, run_id, s).result()
     table = render.Table(f"{s.model} fine-tuned on VOC2007 {s.train_split}",

@@ -58,6 +58,32 @@ def parse_settings(items: list[str] | None, methods: list[str] | tuple[str, ...]
     return per_method
 
 
+def device_resources(device: str) -> dict[str, float]:
+    """The Dask resources a task on ``device`` asks for by default: one GPU with CUDA."""
+    return {"GPU": 1} if device.startswith("cuda") else {}
+
+
+def parse_resources(text: str | None) -> dict[str, float] | None:
+    """``--task-resources``: ``NAME=AMOUNT[,NAME=AMOUNT]`` (e.g. ``GPU=1``), ``none`` for no
+    resource at all; None (not given) keeps the per-device default."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return {}
+    out: dict[str, float] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, amount = item.partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not sep or not name.strip() or value <= 0:
+            raise ShapCAMError(f"--task-resources: {item!r} is not NAME=AMOUNT with AMOUNT > 0; "
+                               "use e.g. GPU=1, or none")
+        out[name.strip()] = int(value) if value.is_integer() else value
+    return out
+
+
 def _typed(raw: str) -> Any:
     if raw in ("true", "false"):
         return raw == "true"
@@ -125,6 +151,11 @@ class RunConfig:
     pg_class: str = "target"  # whose box the pointing game uses: "target" (paper) or "label"
     device: str = "cpu"
     threads: int | None = None  # torch threads per task; None: leave the process's setting
+    batch_images: int | None = None  # images per compute batch; None: per device (8 / 64)
+    decode_threads: int | None = None  # decoders ahead of the compute; None: per device
+    #: Dask resources each task asks for; None: ``GPU=1`` with CUDA, nothing on CPU.
+    resources: dict[str, float] | None = None
+    resource_wait: float = 60.0  # seconds to wait for a worker offering ``resources``
 
     #: The options that decide the maps (and the pointing game's class, which decides stored
     #: per-image metrics): a resumed run must match them.
@@ -150,6 +181,14 @@ class RunConfig:
             raise ShapCAMError(f"--n-images must be >= 1, got {self.n_images}")
         if self.threads is not None and self.threads < 1:
             raise ShapCAMError(f"--threads must be >= 1, got {self.threads}")
+        if self.batch_images is not None and self.batch_images < 1:
+            raise ShapCAMError(f"--batch-images must be >= 1, got {self.batch_images}")
+        if self.decode_threads is not None and self.decode_threads < 0:
+            raise ShapCAMError(f"--decode-threads must be >= 0, got {self.decode_threads}")
+        for k, v in (self.resources or {}).items():
+            if not k or not isinstance(v, int | float) or v <= 0:
+                raise ShapCAMError(f"--task-resources: {k}={v!r} is not NAME=AMOUNT with "
+                                   "AMOUNT > 0 (e.g. GPU=1)")
         if not self.methods or not self.models:
             raise ShapCAMError("a run needs at least one method and one model")
         for m in self.methods:
@@ -208,6 +247,13 @@ class RunConfig:
 
     def options_for(self, method: str) -> dict[str, Any]:
         return self.method_options.get(method, {})
+
+    @property
+    def task_resources(self) -> dict[str, float]:
+        """What each task asks of its Dask worker: ``resources``, else one GPU with CUDA."""
+        if self.resources is not None:
+            return dict(self.resources)
+        return device_resources(self.device)
 
     @property
     def causal_pixels(self) -> int | None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import socket
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -18,16 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 
 from shapcam.cpu import tune_allocator
-from shapcam.data import ImageRecord, draw_records, load_example, open_dataset
+from shapcam.data import ImageRecord, draw_records, open_dataset
+from shapcam.data.stream import decode_threads, decoded_batches, image_batch, stack
 from shapcam.errors import ShapCAMError
 from shapcam.evaluate import (
     POINTING_COUNTS,
     MetricRow,
     image_seed,
     score_maps,
+    stored_precision,
     summary_table,
 )
 from shapcam.methods import METHOD_TITLES, CAMMethod, build_method
@@ -146,77 +151,156 @@ def plan_run(run_dir: str, run_id: str, config: RunConfig) -> dict[str, Any]:
     return {"run_dir": run_dir, "shards": shards, "n_images": len(records)}
 
 
-def _load(records: Sequence[dict[str, Any]]):
-    good, xs, failures = [], [], {}
-    for i, d in enumerate(records):
-        rec = record_from_dict(d)
-        try:
-            x, boxes, size = load_example(rec)
-            good.append((i, rec, boxes, size))
-            xs.append(x)
-        except Exception as exc:  # noqa: BLE001 - any unreadable image is a per-image failure
-            failures[rec.image_id] = str(exc)
-    return good, xs, failures
+def worker_identity() -> str:
+    """The Dask worker running this task (its address), else ``host:pid``."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _metric_row(r: MetricRow, run_id: str, seconds: float) -> dict[str, Any]:
+    row = {k: getattr(r, k) for k in _METRIC_COLUMNS} | {"seconds": seconds}
+    # Not applicable is NULL in the tables (SQL aggregates skip it; NaN would not).
+    return {k: None if isinstance(v, float) and math.isnan(v) and k != "seconds" else v
+            for k, v in row.items()} | {"run_id": run_id, "evaluations": None}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def process_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int,
+                  records: Sequence[dict[str, Any]], *, explain: bool = True,
+                  evaluate: bool = True) -> dict[str, Any]:
+    """Explain one shard into the store and/or evaluate it into Parquet, reading and decoding
+    each image once (:func:`shapcam.data.stream.decoded_batches`: compute batches of
+    ``config.batch_images``, decoded ahead on ``config.decode_threads`` threads).
+
+    Whatever is complete already is skipped: maps stored by an earlier attempt are read back
+    for the metrics (as ``evaluate-store`` does), so a resumed shard never recomputes them.
+    Metrics are computed from the maps at the store's precision (float16), so they are the
+    same whether the maps come from this call or from the store.
+    """
+    dataset, name = config.dataset, model.name
+    store = SaliencyStore(run_dir)
+    have_maps = store.completed(dataset, name, shard)
+    make_maps = explain and not have_maps
+    score = evaluate and not metrics_complete(run_dir, config, name, shard)
+    if not (make_maps or score):
+        log.info("%s/%s shard %d: already complete, skipped", dataset, name, shard)
+        return {"shard": shard, "model": name, "skipped": True}
+    if score and not (have_maps or make_maps):
+        raise ShapCAMError(f"shard {shard} of {name} has no maps yet: run the explain step "
+                           "(shapcam run with the same --run-id) first")
+    t0 = time.perf_counter()
+    _threads(config)
+    lm = cached_model(model, config.device)
+    spec, g = store.table(dataset, name)
+    n = len(records)
+    recs = [record_from_dict(d) for d in records]
+    methods = config.methods
+    shard_record = {} if make_maps else store.shard_record(dataset, name, shard)
+    failures: dict[str, str] = dict(shard_record.get("failures", {}))
+    if make_maps:
+        images: dict[str, np.ndarray] = {
+            "target": np.full(n, -1), "probability": np.full(n, np.nan),
+            "width": np.full(n, -1), "height": np.full(n, -1),
+            "boxes": np.full((n, 16, 4), np.nan)}
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for m in methods:
+            h, w = spec.raw_shapes[m]
+            out[m] = {"maps": np.full((n, INPUT_SIZE, INPUT_SIZE), np.nan, dtype=np.float16),
+                      "raw": np.full((n, h, w), np.nan, dtype=np.float32)}
+            if m in spec.stderr_methods:
+                out[m]["stderr"] = np.full((n, h, w), np.nan, dtype=np.float32)
+    else:
+        stored_targets = g["images"]["target"][spec.shard_slice(shard)]
+        stored_maps: dict[str, np.ndarray] = {}
+    seconds = dict.fromkeys(methods, 0.0)
+    rows: dict[str, list[MetricRow]] = {m: [] for m in methods}
+    evaluations, explained = 0, 0
+    batches = decoded_batches(recs, image_batch(config.device, config.batch_images),
+                              decode_threads(config.device, config.decode_threads))
+    for batch in batches:
+        for d in batch:
+            if d.error is not None:
+                failures.setdefault(d.record.image_id, d.error)
+        good = [d for d in batch if d.record.image_id not in failures]
+        if not good:
+            continue
+        idx = [d.index for d in good]
+        x = stack(good, lm.device)
+        examples = [(d.record, d.boxes) for d in good]
+        if make_maps:
+            for d in good:
+                images["width"][d.index], images["height"][d.index] = d.size
+                b = d.record.boxes_of(d.record.label)[:16]
+                images["boxes"][d.index, : len(b)] = b
+        explained += len(good)
+        for m in methods:
+            if make_maps:
+                cam = cached_method(lm, m, config.options_for(m))
+                kwargs = ({"seeds": [image_seed(config.seed, d.record.image_id) for d in good]}
+                          if m == "shapcam" else {})
+                t = time.perf_counter()
+                result = cam(x, None, **kwargs)
+                _synchronize(lm.device)
+                seconds[m] += time.perf_counter() - t
+                arrays = out[m]
+                arrays["maps"][idx] = result.maps.half().cpu().numpy()
+                arrays["raw"][idx] = result.raw.float().cpu().numpy()
+                if "stderr" in arrays:
+                    arrays["stderr"][idx] = result.extras["stderr"].float().cpu().numpy()
+                    evaluations += int(result.extras["evaluations"].sum())
+                images["target"][idx] = result.targets.cpu().numpy()
+                images["probability"][idx] = result.probabilities.float().cpu().numpy()
+                maps, targets = stored_precision(result.maps), result.targets
+            elif score:
+                if m not in stored_maps:  # once per shard and method
+                    stored_maps[m] = store.read_shard(dataset, name, m, shard)
+                maps = torch.from_numpy(stored_maps[m][idx].astype(np.float32)).to(lm.device)
+                targets = torch.from_numpy(stored_targets[idx].astype(np.int64)).to(lm.device)
+            if score:
+                rows[m] += score_maps(lm.model, x, maps, targets, examples, m, config.protocol,
+                                      config.causal_pixels, math.nan, seed=config.seed,
+                                      pg_class=config.pg_class)
+    per_image = ({m: t / explained for m, t in seconds.items()} if make_maps and explained
+                 else shard_record.get("seconds", {}))
+    if make_maps:
+        store.write_shard(dataset, name, shard, images, out, record={
+            "failures": failures, "seconds": per_image, "shapcam_evaluations": evaluations,
+            "wall_seconds": time.perf_counter() - t0, "worker": worker_identity(),
+            "rss_bytes": psutil.Process().memory_info().rss})
+        written = sum(a.nbytes for arrays in out.values() for a in arrays.values())
+        log.info("explain %s/%s shard %d: %d images read, %d failed%s; seconds per image: %s; "
+                 "%.1f MB of maps written", dataset, name, shard, explained, len(failures),
+                 f" ({_failed_list(failures)})" if failures else "",
+                 ", ".join(f"{m} {t:.3f}" for m, t in per_image.items()) or "none",
+                 written / 1e6)
+    if score:
+        run_id = store.attrs["run_id"]
+        for m in methods:
+            table = [{"run_id": run_id, "image_id": d["image_id"], "label": d["label"],
+                      "protocol": config.protocol, "error": failures[d["image_id"]]}
+                     for d in records if d["image_id"] in failures]
+            secs = per_image.get(m, math.nan)
+            table += [_metric_row(r, run_id, secs) for r in rows[m]]
+            path = write_metrics_shard(run_dir, dataset, name, m, shard, table, config.protocol)
+            log.info("evaluate %s/%s shard %d, %s (%s): %d rows, %d failed, written to %s",
+                     dataset, name, shard, m, config.protocol, len(table), len(failures), path)
+    return {"shard": shard, "model": name, "skipped": False, "images": n,
+            "failed": len(failures), "explained": make_maps, "evaluated": score,
+            "seconds": time.perf_counter() - t0}
 
 
 def explain_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int,
                   records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Compute every method's maps for one shard and write them; skip a completed shard."""
-    dataset, name = config.dataset, model.name
-    store = SaliencyStore(run_dir)
-    if store.completed(dataset, name, shard):
-        log.info("explain %s/%s shard %d: already complete, skipped", dataset, name, shard)
-        return {"shard": shard, "model": name, "skipped": True}
-    t0 = time.perf_counter()
-    _threads(config)
-    lm = cached_model(model, config.device)
-    spec, _ = store.table(dataset, name)
-    n = len(records)
-    good, xs, failures = _load(records)
-    idx = [i for i, *_ in good]
-    images: dict[str, np.ndarray] = {
-        "target": np.full(n, -1), "probability": np.full(n, np.nan), "width": np.full(n, -1),
-        "height": np.full(n, -1), "boxes": np.full((n, 16, 4), np.nan)}
-    for i, rec, _, (w, h) in good:
-        images["width"][i], images["height"][i] = w, h
-        b = rec.boxes_of(rec.label)[:16]
-        images["boxes"][i, : len(b)] = b
-    out: dict[str, dict[str, np.ndarray]] = {}
-    seconds: dict[str, float] = {}
-    evaluations = 0
-    x = torch.stack(xs).to(lm.device) if good else None
-    seeds = [image_seed(config.seed, r.image_id) for _, r, _, _ in good]
-    for m in config.methods:
-        h, w = spec.raw_shapes[m]
-        arrays = {"maps": np.full((n, INPUT_SIZE, INPUT_SIZE), np.nan, dtype=np.float16),
-                  "raw": np.full((n, h, w), np.nan, dtype=np.float32)}
-        if m in spec.stderr_methods:
-            arrays["stderr"] = np.full((n, h, w), np.nan, dtype=np.float32)
-        if good:
-            cam = cached_method(lm, m, config.options_for(m))
-            kwargs = {"seeds": seeds} if m == "shapcam" else {}
-            t = time.perf_counter()
-            result = cam(x, None, **kwargs)
-            seconds[m] = (time.perf_counter() - t) / len(good)
-            arrays["maps"][idx] = result.maps.half().cpu().numpy()
-            arrays["raw"][idx] = result.raw.float().cpu().numpy()
-            if "stderr" in arrays:
-                arrays["stderr"][idx] = result.extras["stderr"].float().cpu().numpy()
-                evaluations = int(result.extras["evaluations"].sum())
-            images["target"][idx] = result.targets.cpu().numpy()
-            images["probability"][idx] = result.probabilities.float().cpu().numpy()
-        out[m] = arrays
-    store.write_shard(dataset, name, shard, images, out,
-                      record={"failures": failures, "seconds": seconds,
-                              "shapcam_evaluations": evaluations,
-                              "wall_seconds": time.perf_counter() - t0})
-    written = sum(a.nbytes for arrays in out.values() for a in arrays.values())
-    log.info("explain %s/%s shard %d: %d images read, %d failed%s; seconds per image: %s; "
-             "%.1f MB of maps written", dataset, name, shard, len(good), len(failures),
-             f" ({_failed_list(failures)})" if failures else "",
-             ", ".join(f"{m} {t:.3f}" for m, t in seconds.items()) or "none", written / 1e6)
-    return {"shard": shard, "model": name, "skipped": False, "images": n,
-            "failed": len(failures), "seconds": time.perf_counter() - t0}
+    """Only the maps of one shard (:func:`process_shard` without its metrics)."""
+    return process_shard(run_dir, config, model, shard, records, evaluate=False)
 
 
 def metrics_complete(run_dir: str, config: RunConfig, model: str, shard: int) -> bool:
@@ -226,50 +310,8 @@ def metrics_complete(run_dir: str, config: RunConfig, model: str, shard: int) ->
 
 def evaluate_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int,
                    records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Metrics of one shard from its stored maps into one Parquet file per method."""
-    dataset, name = config.dataset, model.name
-    if metrics_complete(run_dir, config, name, shard):
-        log.info("evaluate %s/%s shard %d: already complete, skipped", dataset, name, shard)
-        return {"shard": shard, "model": name, "skipped": True}
-    t0 = time.perf_counter()
-    _threads(config)
-    store = SaliencyStore(run_dir)
-    spec, g = store.table(dataset, name)
-    sl = spec.shard_slice(shard)
-    shard_record = store.shard_record(dataset, name, shard)
-    failures: dict[str, str] = shard_record.get("failures", {})
-    targets = g["images"]["target"][sl]
-    good, xs, load_failures = _load(records)
-    failures = {**load_failures, **failures}
-    protocol = config.protocol
-    lm = cached_model(model, config.device)
-    run_id = store.attrs["run_id"]
-    x = torch.stack(xs).to(lm.device) if good else None
-    for m in config.methods:
-        rows: list[dict[str, Any]] = []
-        for d in records:
-            if d["image_id"] in failures:
-                rows.append({"run_id": run_id, "image_id": d["image_id"], "label": d["label"],
-                             "protocol": protocol, "error": failures[d["image_id"]]})
-        if good:
-            idx = [i for i, *_ in good]
-            maps = torch.from_numpy(store.read_shard(dataset, name, m, shard)[idx]
-                                    .astype(np.float32)).to(lm.device)
-            tg = torch.from_numpy(targets[idx].astype(np.int64)).to(lm.device)
-            secs = shard_record.get("seconds", {}).get(m, math.nan)
-            for r in score_maps(lm.model, x, maps, tg, [(rec, b) for _, rec, b, _ in good], m,
-                                protocol, config.causal_pixels, secs, seed=config.seed,
-                                pg_class=config.pg_class):
-                row = {k: getattr(r, k) for k in _METRIC_COLUMNS}
-                # Not applicable is NULL in the tables (SQL aggregates skip it; NaN would not).
-                rows.append({k: None if isinstance(v, float) and math.isnan(v) and
-                             k != "seconds" else v for k, v in row.items()}
-                            | {"run_id": run_id, "evaluations": None})
-        path = write_metrics_shard(run_dir, dataset, name, m, shard, rows, protocol)
-        log.info("evaluate %s/%s shard %d, %s (%s): %d rows, %d failed, written to %s",
-                 dataset, name, shard, m, protocol, len(rows), len(failures), path)
-    return {"shard": shard, "model": name, "skipped": False,
-            "seconds": time.perf_counter() - t0}
+    """Only the metrics of one shard, from its stored maps (``evaluate-store``)."""
+    return process_shard(run_dir, config, model, shard, records, explain=False)
 
 
 def _failed_list(failures: dict[str, str], shown: int = 3) -> str:

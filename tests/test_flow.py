@@ -34,7 +34,8 @@ FAST = ("--methods", "gradcam,shapcam", "--set", "shapcam.permutations=16", "--s
 
 
 def test_flow_on_local_server_and_dask_workers(mobilenet, tmp_path):
-    proc = shapcam_run(tmp_path, "r1", *FAST)
+    # Tasks ask for GPU=1, as CUDA tasks do: the local workers declare it, so they run.
+    proc = shapcam_run(tmp_path, "r1", *FAST, "--task-resources", "GPU=1")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert "Prefect UI: http://127.0.0.1:" in out and "| metric | Grad-CAM | Shap-CAM |" in out
@@ -66,9 +67,11 @@ def test_flow_on_local_server_and_dask_workers(mobilenet, tmp_path):
     for row in plain:
         got = df[(df["method"] == row.method) & (df["image_id"] == row.image_id)].iloc[0]
         assert got["avg_drop"] == pytest.approx(row.avg_drop, rel=1e-5, abs=1e-6)
+    workers = {st.shard_record("sample", "mobilenet_v2", k)["worker"] for k in (0, 1)}
+    assert all(w.startswith("tcp://127.0.0.1:") for w in workers)
     # Re-running the same run id recomputes nothing.
     records_before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "shards").rglob("*.json")}
-    proc = shapcam_run(tmp_path, "r1", *FAST)
+    proc = shapcam_run(tmp_path, "r1", *FAST, "--task-resources", "GPU=1")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     after = {p.name: p.stat().st_mtime_ns for p in (run_dir / "shards").rglob("*.json")}

@@ -69,7 +69,14 @@ Seed = Annotated[int, typer.Option(help="Sampling and Shap-CAM seed.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
 AutoDevice = Annotated[str, typer.Option(help="cpu, cuda or cuda:N (default: cuda when present).",
                                          show_default=False)]
-Workers = Annotated[int, typer.Option(help="Local Dask worker processes.")]
+Workers = Annotated[int, typer.Option(help="Local Dask worker processes (CPU; with --device cuda: "
+                                               "one per GPU, see --gpus).")]
+BatchImages = Annotated[int | None, typer.Option(
+    help="Images per compute batch (default: 8 on CPU, 64 on GPU); results do not depend on it.",
+    show_default=False)]
+DecodeThreads = Annotated[int | None, typer.Option(
+    help="Image decoder threads working ahead of the compute (default: 1 on CPU, up to 8 on "
+         "GPU; 0: decode inline).", show_default=False)]
 Threads = Annotated[int, typer.Option(help="Torch threads per worker.")]
 DaskAddress = Annotated[str | None, typer.Option(
     help="Use an existing Dask scheduler, e.g. tcp://host:8786.")]

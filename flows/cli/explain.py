@@ -17,7 +17,9 @@ from tasks.config import ALL_METHODS, DEFAULT_MODEL, DEFAULT_WEIGHTS, ModelSpec,
 from . import app
 from .common import (
     AutoDevice,
+    BatchImages,
     Causal,
+    DecodeThreads,
     PgClass,
     Preset,
     Protocol,
@@ -152,7 +154,7 @@ def evaluate(
     seed: Seed = 0, protocol: Protocol = "scorecam",
     target: Annotated[str, typer.Option(help="predicted (paper) or label.")] = "predicted",
     causal: Causal = True, pg_class: PgClass = "target",
-    batch_images: Annotated[int, typer.Option(help="Images per batch.")] = 8,
+    batch_images: BatchImages = None, decode_threads: DecodeThreads = None,
     preset: Preset = "paper", settings: Settings = None, device: AutoDevice = "",
     json_path: Annotated[Path | None, typer.Option(
         "--json", help="Also write the table and per-image rows as JSON.")] = None,
@@ -176,7 +178,8 @@ def evaluate(
         with tqdm(total=len(records), desc="evaluate", unit="img") as bar:
             rows = evaluate_records(lm, records, config.methods, protocol=protocol,
                                     target=target, method_options=config.method_options,
-                                    batch_images=batch_images, causal=causal,
+                                    batch_images=batch_images, threads=decode_threads,
+                                    causal=causal,
                                     causal_step=config.causal_step, seed=seed,
                                     pg_class=pg_class, progress=bar.update)
     table = summary_table(rows, config.methods)

@@ -14,13 +14,15 @@ from typing import Annotated, Any
 
 import typer
 
-from tasks.config import ALL_METHODS, DEFAULT_MODEL, DEFAULT_WEIGHTS, RunConfig
+from tasks.config import ALL_METHODS, DEFAULT_MODEL, DEFAULT_WEIGHTS, RunConfig, parse_resources
 
 from ..runtime import DEFAULT_WORKERS, new_run_id, run_dir_for, run_flow, task_runner
 from . import app
 from .common import (
+    BatchImages,
     Causal,
     DaskAddress,
+    DecodeThreads,
     Device,
     PgClass,
     Preset,
@@ -61,11 +63,24 @@ RUN_OPTIONS: list[tuple[str, Any, Any]] = [
     ("settings", Settings, None),
     ("store", Store, "runs"),
     ("device", Device, _D.device),
+    ("batch_images", BatchImages, None),
+    ("decode_threads", DecodeThreads, None),
     ("workers", Workers, DEFAULT_WORKERS),
     ("threads", Threads, 1),  # one task per worker process: one thread each
+    ("gpus", Annotated[str | None, typer.Option(
+        help="With --device cuda and no --dask-address: the GPUs of the local cluster, one "
+             "worker each (e.g. 0,1; default: every visible GPU).")], None),
+    ("task_resources", Annotated[str | None, typer.Option(
+        help="Dask resources each task asks for, NAME=AMOUNT[,...] or none (default: GPU=1 "
+             "with --device cuda, none on CPU); local workers declare them.",
+        show_default=False)], None),
+    ("resource_wait", Annotated[float, typer.Option(
+        help="Seconds to wait for a Dask worker offering the tasks' resources before failing."
+    )], _D.resource_wait),
     ("dask_address", DaskAddress, None),
 ]
-_EXECUTION = ("store", "workers", "dask_address")  # how a run executes, not what it computes
+#: How a run executes, not what it computes (not in RunConfig).
+_EXECUTION = ("store", "workers", "gpus", "dask_address")
 
 
 def with_run_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -80,10 +95,27 @@ def with_run_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def run_config(options: dict[str, Any]) -> RunConfig:
-    """The validated config of the run options (the execution options left out)."""
-    fields = {k: v for k, v in options.items() if k not in (*_EXECUTION, "root")}
+    """The validated config of the run options (the execution options left out). On a local
+    GPU cluster every worker sees its one GPU as ``cuda``: ``--device cuda:N`` becomes
+    ``--gpus N`` there."""
+    fields = {k: v for k, v in options.items()
+              if k not in (*_EXECUTION, "root", "task_resources")}
     root = options["root"]
-    return RunConfig.build(root=str(Path(root).resolve()) if root else None, **fields)
+    device = fields["device"]
+    if options["dask_address"] is None and device.startswith("cuda:"):
+        options["gpus"] = options["gpus"] or device.partition(":")[2]
+        fields["device"] = "cuda"
+    return RunConfig.build(root=str(Path(root).resolve()) if root else None,
+                           resources=parse_resources(options["task_resources"]), **fields)
+
+
+def runner_for(config: RunConfig, options: dict[str, Any]) -> Any:
+    """The Dask task runner of a run: ``--dask-address``, else a local cluster (``--workers``
+    on CPU, one worker per GPU of ``--gpus`` with CUDA) whose workers offer the tasks'
+    resources."""
+    return task_runner(options["dask_address"], options["workers"], options["threads"],
+                       device=config.device, gpus=options["gpus"],
+                       resources=config.task_resources)
 
 
 def _store(store: str) -> str:
@@ -103,7 +135,7 @@ def run(run_id: RunId = None, repair: Annotated[bool, typer.Option(
 
     with user_errors():
         config = run_config(options)
-        preflight(config, options["dask_address"])
+        preflight(config, options["dask_address"], options["gpus"])
     if repair and run_id is None:
         fail("--repair needs the --run-id of the run to repair")
     run_id = run_id or new_run_id()
@@ -112,9 +144,8 @@ def run(run_id: RunId = None, repair: Annotated[bool, typer.Option(
     if repair:
         _repair(run_dir)
     with user_errors(resume=lambda: _resume_hint(run_dir, run_id, config)):
-        result = run_flow(explain_dataset, task_runner(options["dask_address"],
-                                                       options["workers"], options["threads"]),
-                          typer.echo, run_dir=run_dir, run_id=run_id, config=config.to_dict())
+        result = run_flow(explain_dataset, runner_for(config, options), typer.echo,
+                          run_dir=run_dir, run_id=run_id, config=config.to_dict())
     for model, table in result["tables"].items():
         typer.echo("\n" + markdown(paper_table(table, caption(config, model,
                                                                 result["images"]))))
@@ -158,13 +189,17 @@ def verify(run_dir: Annotated[str, typer.Argument(
     raise typer.Exit(1)
 
 
-def preflight(config: RunConfig, dask_address: str | None) -> None:
+def preflight(config: RunConfig, dask_address: str | None, gpus: str | None = None) -> None:
     """Before a server or cluster starts: the weights of every model load on this machine
-    (cached, from the offline package, or downloaded now). Skipped for a remote cluster, whose
-    workers have their own files and caches."""
+    (cached, from the offline package, or downloaded now) and, with CUDA, a GPU is visible.
+    Skipped for a remote cluster, whose workers have their own devices, files and caches."""
     from shapcam.models import ensure_weights
 
+    from ..runtime import visible_gpus
+
     if dask_address is None:
+        if config.device.startswith("cuda"):
+            visible_gpus(gpus)
         for model in config.models:
             ensure_weights(model.name, model.weights)
 
@@ -202,7 +237,7 @@ def serve(
     """
     with user_errors():
         config = run_config(options)  # fail now, not at 2 am
-        preflight(config, options["dask_address"])
+        preflight(config, options["dask_address"], options["gpus"])
     from prefect import serve as prefect_serve
     from prefect.schedules import Cron
     from prefect.types.entrypoint import EntrypointType
@@ -211,7 +246,8 @@ def serve(
     from ..scheduled import scheduled_explain
 
     params = {"config": config.to_dict(), "store": _store(options["store"]),
-              "workers": options["workers"], "dask_address": options["dask_address"]}
+              "workers": options["workers"], "gpus": options["gpus"],
+              "dask_address": options["dask_address"]}
     deployment = scheduled_explain.to_deployment(
         name=name, schedule=Cron(cron, timezone=timezone), parameters=params,
         entrypoint_type=EntrypointType.MODULE_PATH,
@@ -243,9 +279,12 @@ def evaluate_store(
         RunConfig(protocol=protocol)  # validates the name
         attrs = SaliencyStore(run_dir).attrs
         run_id = attrs["run_id"]
-        preflight(RunConfig.from_dict(attrs["config"]), dask_address)
+        stored = RunConfig.from_dict(attrs["config"])
+        preflight(stored, dask_address)
+    runner = task_runner(dask_address, workers, 1, device=stored.device,
+                         resources=stored.task_resources)
     with user_errors(resume=lambda: "run the same command again to finish"):
-        result = run_flow(evaluate_store_flow, task_runner(dask_address, workers, 1),
+        result = run_flow(evaluate_store_flow, runner,
                           typer.echo, run_dir=_store(run_dir), run_id=run_id,
                           protocol=protocol, causal=causal)
     for model, table in result["tables"].items():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -17,6 +17,14 @@ _DS = DistillSpec(dataset="digits")
 _FT = FinetuneSpec(root="")
 Store = Annotated[str, typer.Option(help="Folder holding the runs.")]
 Device = Annotated[str, typer.Option(help="cpu or cuda.")]
+
+
+def training_runner(dask_address: str | None, workers: int, threads: int, device: str) -> Any:
+    """Training tasks address their device themselves (``cuda:N``): local workers see every
+    GPU and declare the resource the tasks ask for (one ``GPU`` with CUDA)."""
+    from tasks.config import device_resources
+
+    return task_runner(dask_address, workers, threads, resources=device_resources(device))
 
 
 @app.command()
@@ -80,7 +88,8 @@ def distill(
     run_dir, run_id = local_run_dir(store, run_id)
     typer.echo(f"run {run_id}, folder {run_dir}")
     with user_errors(resume=lambda: f"resume from the checkpoints with --run-id {run_id}"):
-        result = run_flow(distill_flow, task_runner(dask_address, workers, threads),
+        result = run_flow(distill_flow,
+                          training_runner(dask_address, workers, threads, spec.device),
                           typer.echo, run_dir=run_dir, run_id=run_id, spec=spec.to_dict())
     typer.echo("\n" + result["markdown"] + f"\n\nreport: {result['report']}")
 
@@ -117,7 +126,8 @@ def finetune_voc(
     run_dir, run_id = local_run_dir(store, run_id)
     typer.echo(f"run {run_id}, folder {run_dir}")
     with user_errors(resume=lambda: f"resume with --run-id {run_id}"):
-        result = run_flow(finetune_flow, task_runner(dask_address, 1, threads), typer.echo,
+        result = run_flow(finetune_flow, training_runner(dask_address, 1, threads, spec.device),
+                          typer.echo,
                           run_dir=run_dir, run_id=run_id, spec=spec.to_dict())
     typer.echo("\n" + result["markdown"] + f"\nexplain with: shapcam run --dataset voc --root "
                f"{root} --models {model}:{result['weights']}")
