@@ -1,12 +1,15 @@
 """Orchestration overhead and scaling of `shapcam run` against the plain loop `shapcam evaluate`.
 
-    .venv/bin/python benchmarks/bench_orchestration.py [--images 64]
+    .venv/bin/python benchmarks/bench_orchestration.py [--images 1000] [--threads 2]
 
-A dataset of ``--images`` images in the ILSVRC (Kaggle) layout is made from the six sample photos
-(copied under new ids). Methods: gradcam and shapcam (default K); metrics without
-deletion/insertion. Both commands run as a user would run them (one process each, model loading
-included). The flow runs against one Prefect server started beforehand (its start-up is timed
-and reported separately); its time includes starting and stopping its local Dask cluster.
+The dataset: ``--images`` images in the ILSVRC (Kaggle) layout made from the sample photos
+(random crops and flips, long side 300-500 px: ``build_synthetic_dataset``). Methods: Grad-CAM
+and Shap-CAM (default K); metrics without deletion/insertion. Every command runs as a user runs
+it (one process each, model loading included), one after the other on an otherwise idle
+machine. The plain loop is timed at several compute batch sizes and the best one is the anchor;
+the flow runs with that batch size and the same number of threads, against one Prefect server
+started beforehand (its start-up is its own line); its time includes starting and stopping its
+local Dask cluster.
 """
 
 from __future__ import annotations
@@ -24,24 +27,6 @@ from pathlib import Path
 CLI = [sys.executable, "-c", "from flows.cli import app; app()"]
 
 
-def make_dataset(root: Path, n: int) -> Path:
-    from shapcam.data.sample_dataset import SAMPLE_IMAGES, build_sample_dataset
-
-    src = build_sample_dataset(root / "src")
-    dst = root / "bench"
-    data, ann = dst / "ILSVRC/Data/CLS-LOC/val", dst / "ILSVRC/Annotations/CLS-LOC/val"
-    data.mkdir(parents=True)
-    ann.mkdir(parents=True)
-    shutil.copy(src / "LOC_synset_mapping.txt", dst)
-    ids = list(SAMPLE_IMAGES)
-    for i in range(n):
-        base = ids[i % len(ids)]
-        shutil.copy(src / f"ILSVRC/Data/CLS-LOC/val/{base}.JPEG", data / f"{base}_{i:03d}.JPEG")
-        shutil.copy(src / f"ILSVRC/Annotations/CLS-LOC/val/{base}.xml",
-                    ann / f"{base}_{i:03d}.xml")
-    return dst
-
-
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float | None]:
     """(wall seconds of the command, seconds of its task phase as `shapcam run` prints it)."""
     t = time.perf_counter()
@@ -52,71 +37,74 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float | None]:
     return time.perf_counter() - t, float(found.group(1)) if found else None
 
 
-def plain_compute(root: Path, threads: int, batch: int) -> float:
-    """The plain loop's own work (model loaded, images read and explained and scored), timed
-    in-process: what the flow's task phase is compared with."""
-    import torch
-
-    from shapcam.cpu import tune_allocator
-    from shapcam.data import open_dataset
-    from shapcam.evaluate import evaluate_records
-    from shapcam.models import load_model
-
-    tune_allocator()
-    torch.set_num_threads(threads)
-    lm = load_model("mobilenet_v2", "IMAGENET1K_V1")
-    records = open_dataset("imagenet", root)
-    t = time.perf_counter()
-    evaluate_records(lm, records, ["gradcam", "shapcam"], batch_images=batch, causal=False)
-    return time.perf_counter() - t
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--shard-size", type=int, default=8)
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (all cores)")
+    parser.add_argument("--batches", default="4,8,16", help="plain-loop batch sizes to try")
+    parser.add_argument("--shards", default="8,64,256", help="shard sizes, side by side")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
+    from shapcam.data.sample_dataset import build_synthetic_dataset
+
     tmp = Path(tempfile.mkdtemp(prefix="shapcam-orch-"))
-    root = make_dataset(tmp, args.images)
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "OMP_NUM_THREADS": "2",
+    t = time.perf_counter()
+    root = build_synthetic_dataset(tmp / "data", args.images, seed=0)
+    print(f"dataset: {args.images} images in {time.perf_counter() - t:.1f} s at {root}",
+          flush=True)
+    threads = str(args.threads)
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "OMP_NUM_THREADS": threads,
            "DASK_LOGGING__DISTRIBUTED": "error"}
     common = ["--dataset", "imagenet", "--root", str(root), "--methods", "gradcam,shapcam",
               "--no-causal"]
-    t_plain, _ = timed([*CLI, "evaluate", *common, "--batch-images", str(args.shard_size),
-                        "--device", "cpu"], env)
-    c_plain = {threads: plain_compute(root, threads, args.shard_size) for threads in (2, 1)}
-    os.environ.update({"PREFECT_HOME": env["PREFECT_HOME"]})
+    plain = {}
+    for b in (int(v) for v in args.batches.split(",")):
+        plain[b], _ = timed([*CLI, "evaluate", *common, "--batch-images", str(b), "--device",
+                             "cpu"], env)
+        print(f"shapcam evaluate --batch-images {b}: {plain[b]:.1f} s", flush=True)
+    best = min(plain, key=plain.get)
+    t_plain = plain[best]
     (tmp / "prefect").mkdir()
+    os.environ["PREFECT_HOME"] = env["PREFECT_HOME"]
     from flows.runtime import local_prefect_server, prefect_environment
 
     prefect_environment(tmp / "prefect")
+    runs: list[tuple[str, int, int, int]] = [
+        (f"1 worker x {threads} threads, shards of 64", 1, args.threads, 64),
+        ("1 worker x 1 thread, shards of 64", 1, 1, 64),
+        (f"{args.threads} workers x 1 thread, shards of 64", args.threads, 1, 64)]
+    runs += [(f"1 worker x {threads} threads, shards of {s}", 1, args.threads, int(s))
+             for s in args.shards.split(",") if int(s) != 64]
     t = time.perf_counter()
     timings = {}
     with local_prefect_server() as url:
         t_server = time.perf_counter() - t
         env["PREFECT_API_URL"] = f"{url}/api"
-        for label, workers, threads in (("1 worker x 2 threads", 1, 2),
-                                        ("1 worker x 1 thread", 1, 1),
-                                        ("2 workers x 1 thread", 2, 1)):
+        for label, workers, n_threads, shard in runs:
             timings[label] = timed([*CLI, "run", *common, "--store", str(tmp / "runs"),
-                                    "--run-id", label.replace(" ", "-"), "--shard-size",
-                                    str(args.shard_size), "--workers", str(workers),
-                                    "--threads", str(threads)], env)
-    rows = ["| command | end to end s | ratio | work s (plain) / task phase s (flow) | ratio |",
-            "|---|---|---|---|---|",
-            f"| shapcam evaluate (plain loop, 2 threads) | {t_plain:.1f} | 1.00 | "
-            f"{c_plain[2]:.1f} | 1.00 |",
-            f"| plain loop, 1 thread (in-process) | | | {c_plain[1]:.1f} | "
-            f"{c_plain[1] / c_plain[2]:.2f}x |"]
+                                    "--run-id", re.sub(r"\W+", "-", label), "--shard-size",
+                                    str(shard), "--batch-images", str(best), "--workers",
+                                    str(workers), "--threads", str(n_threads)],
+                                   {**env, "OMP_NUM_THREADS": str(n_threads)})
+            print(f"shapcam run, {label}: {timings[label][0]:.1f} s", flush=True)
+    rows = [f"{args.images} images, Grad-CAM + Shap-CAM, no deletion/insertion, "
+            f"{os.cpu_count()} cores",
+            "", "| command | end to end s | ratio to the plain loop | task phase s |",
+            "|---|---|---|---|"]
+    rows += [f"| shapcam evaluate --batch-images {b} (plain loop, {threads} threads) | "
+             f"{s:.1f} | {s / t_plain:.2f}x{' (best)' if b == best else ''} | |"
+             for b, s in plain.items()]
     for label, (secs, task_secs) in timings.items():
-        rows.append(f"| shapcam run, {label} | {secs:.1f} | {secs / t_plain:.2f}x | "
-                    f"{task_secs:.1f} | {task_secs / c_plain[2]:.2f}x |")
-    one, two = timings["1 worker x 1 thread"], timings["2 workers x 1 thread"]
-    rows.append(f"| 2 workers vs 1 worker, 1 thread each | | {one[0] / two[0]:.2f}x | | "
-                f"**{one[1] / two[1]:.2f}x** throughput |")
-    rows.append(f"| Prefect server start (excluded above) | {t_server:.1f} | | | |")
+        rows.append(f"| shapcam run, {label} | {secs:.1f} | **{secs / t_plain:.2f}x** | "
+                    f"{task_secs:.1f} |")
+    one = timings["1 worker x 1 thread, shards of 64"]
+    two = timings[f"{args.threads} workers x 1 thread, shards of 64"]
+    rows.append(f"| {args.threads} workers vs 1 worker, 1 thread each (throughput) | | "
+                f"**{one[0] / two[0]:.2f}x** end to end | {one[1] / two[1]:.2f}x |")
+    rows.append(f"| Prefect server start (excluded above) | {t_server:.1f} | | |")
     print("\n".join(rows))
-    shutil.rmtree(tmp, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ShapCAMError
-from .models import INPUT_SIZE, preprocess_transform
+from .models import INPUT_SIZE, preprocess
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -36,7 +36,7 @@ def to_tensor(image: Image.Image | np.ndarray, size: int = INPUT_SIZE) -> torch.
             raise ShapCAMError(f"expected an (H, W, 3) uint8 array, got {image.shape} "
                                f"{image.dtype}")
         image = Image.fromarray(image)
-    return preprocess_transform(size)(image)
+    return preprocess(image, size)
 
 
 def load_batch(paths: Sequence[str | Path], size: int = INPUT_SIZE

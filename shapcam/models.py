@@ -16,11 +16,13 @@ import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
 from torch import nn
 from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
 
 from .errors import ShapCAMError
 
@@ -306,6 +308,16 @@ def preprocess_transform(size: int = INPUT_SIZE) -> T.Compose:
         T.ToDtype(torch.float32, scale=True),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
+
+
+def preprocess(image: Any, size: int = INPUT_SIZE) -> torch.Tensor:
+    """:func:`preprocess_transform` as plain function calls, for decoder threads: a transform
+    module called while another thread traces a model with torch.fx would go through fx's
+    patched ``Module.__call__`` and fail ("module is not installed as a submodule")."""
+    x = TF.to_image(image)
+    x = TF.resize(x, [size, size], antialias=True)
+    x = TF.to_dtype(x, torch.float32, scale=True)
+    return TF.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD)).as_subclass(torch.Tensor)
 
 
 def normalize(x01: torch.Tensor) -> torch.Tensor:

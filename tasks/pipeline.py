@@ -220,6 +220,8 @@ def process_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int,
     else:
         stored_targets = g["images"]["target"][spec.shard_slice(shard)]
         stored_maps: dict[str, np.ndarray] = {}
+    # built (fx-traced) before the decoder threads start: nothing traces while they run
+    cams = {m: cached_method(lm, m, config.options_for(m)) for m in methods} if make_maps else {}
     seconds = dict.fromkeys(methods, 0.0)
     rows: dict[str, list[MetricRow]] = {m: [] for m in methods}
     evaluations, explained = 0, 0
@@ -243,7 +245,7 @@ def process_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int,
         explained += len(good)
         for m in methods:
             if make_maps:
-                cam = cached_method(lm, m, config.options_for(m))
+                cam = cams[m]
                 kwargs = ({"seeds": [image_seed(config.seed, d.record.image_id) for d in good]}
                           if m == "shapcam" else {})
                 t = time.perf_counter()

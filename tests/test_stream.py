@@ -85,6 +85,36 @@ def test_bad_images_are_per_image_failures(synthetic, tmp_path):
     assert "not a readable image" in batch[1].error and batch[1].x is None
 
 
+def test_decoding_while_another_thread_traces_a_model(synthetic, tiny):
+    """torch.fx patches ``Module.__call__`` while it traces: decoder threads must not call
+    transform modules (they did: "module is not installed as a submodule")."""
+    from shapcam.models import preprocess, preprocess_transform
+    from shapcam.split import split_model
+
+    records = open_dataset("imagenet", synthetic)
+    stop = threading.Event()
+
+    def trace() -> None:
+        while not stop.is_set():
+            split_model(tiny, "features")
+
+    tracer = threading.Thread(target=trace)
+    tracer.start()
+    try:
+        decoded = [d for _ in range(3) for b in decoded_batches(records, 4, threads=4)
+                   for d in b]
+    finally:
+        stop.set()
+        tracer.join()
+    assert [d.error for d in decoded] == [None] * len(decoded)
+    image = stream_module.load_example(records[0])[0]
+    from shapcam.images import load_image
+
+    pil = load_image(records[0].path)
+    assert torch.equal(preprocess(pil), preprocess_transform()(pil).as_subclass(torch.Tensor))
+    assert torch.equal(image, preprocess(pil))
+
+
 def test_image_batch_defaults_and_checks():
     assert image_batch("cpu") == 8 and image_batch("cuda") == 64 and image_batch("cpu", 3) == 3
     with pytest.raises(ShapCAMError, match=">= 1"):
