@@ -21,6 +21,7 @@ from .errors import ShapCAMError
 from .methods import METHOD_TITLES, CAMMethod, build_method
 from .metrics import confidence_metrics, deletion_insertion, energy_pointing_game
 from .models import LoadedModel
+from .precision import autocast
 
 #: Table rows: (row label, column of the per-image rows, how to aggregate).
 TABLE_ROWS: tuple[tuple[str, str, str], ...] = (
@@ -84,6 +85,7 @@ def evaluate_records(
     method_options: dict[str, dict[str, Any]] | None = None,
     batch_images: int | None = None,
     threads: int | None = None,
+    precision: str = "fp32",
     causal: bool = True,
     causal_step: int = 224,
     seed: int = 0,
@@ -95,7 +97,8 @@ def evaluate_records(
 
     ``batch_images``: images per compute batch (default: 8 on CPU, 64 on GPU); ``threads``:
     image decoder threads working ahead of the compute (default: 1 on CPU, up to 8 on GPU;
-    0 decodes inline). Neither changes the results."""
+    0 decodes inline). Neither changes the results. ``precision``: autocast of every forward
+    and backward (:mod:`shapcam.precision`; ``fp32`` is exact)."""
     if target not in ("predicted", "label"):
         raise ShapCAMError(f"target must be 'predicted' or 'label', got {target!r}")
     check_pg_class(pg_class)
@@ -116,8 +119,9 @@ def evaluate_records(
             labels = torch.tensor([r.label for r, _, _ in ok], device=device)
             targets = labels if target == "label" else None
             for name, cam in cams.items():
-                rows += _evaluate_batch(cam, name, lm, ok, x, targets, protocol,
-                                        causal_step if causal else None, seed, pg_class)
+                with autocast(device, precision):
+                    rows += _evaluate_batch(cam, name, lm, ok, x, targets, protocol,
+                                            causal_step if causal else None, seed, pg_class)
         if progress is not None:
             progress(len(batch))
     return rows
@@ -146,19 +150,21 @@ def score_maps(model: torch.nn.Module, x: torch.Tensor, maps: torch.Tensor,
                targets: torch.Tensor,
                examples: Sequence[tuple[ImageRecord, dict[int, torch.Tensor]]],
                method: str, protocol: str, causal_step: int | None,
-               seconds: float, *, seed: int = 0, pg_class: str = "target") -> list[MetricRow]:
+               seconds: float, *, seed: int = 0, pg_class: str = "target",
+               batch_size: int | None = None) -> list[MetricRow]:
     """Every metric of one batch of maps; ``examples`` pairs each record with its boxes per
     class in the input frame (as :func:`~shapcam.data.load_example` returns them).
     ``causal_step``: pixels per deletion/insertion step (None: no causal metrics); ``seed``:
     the run seed (deletion/insertion ties, per image); ``pg_class``: whose box the pointing
-    game uses, the explained class (``"target"``) or the ground truth (``"label"``)."""
+    game uses, the explained class (``"target"``) or the ground truth (``"label"``);
+    ``batch_size``: images per forward of the metrics (default: per device)."""
     check_pg_class(pg_class)
-    conf = confidence_metrics(model, x, maps, targets, protocol)
+    conf = confidence_metrics(model, x, maps, targets, protocol, batch_size)
     classes = [int(t) if pg_class == "target" else rec.label
                for (rec, _), t in zip(examples, targets.tolist(), strict=True)]
     boxes = [b.get(c, torch.zeros(0, 4)) for (_, b), c in zip(examples, classes, strict=True)]
     energy = energy_pointing_game(maps, boxes)
-    di = (deletion_insertion(model, x, maps, targets, step=causal_step,
+    di = (deletion_insertion(model, x, maps, targets, step=causal_step, batch_size=batch_size,
                              seeds=[image_seed(seed, rec.image_id) for rec, _ in examples])
           if causal_step is not None else None)
     rows = []

@@ -21,6 +21,7 @@ from shapcam.errors import ShapCAMError
 from shapcam.evaluate import PG_CLASSES
 from shapcam.methods import METHODS, check_options, method_class
 from shapcam.metrics import VARIANTS
+from shapcam.precision import check_precision
 from shapcam.presets import resolve_preset
 
 #: The paper's methods in its column order (the default of ``--methods``).
@@ -156,11 +157,15 @@ class RunConfig:
     #: Dask resources each task asks for; None: ``GPU=1`` with CUDA, nothing on CPU.
     resources: dict[str, float] | None = None
     resource_wait: float = 60.0  # seconds to wait for a worker offering ``resources``
+    precision: str = "fp32"  # autocast of forwards/backwards: fp32 (exact), bf16, fp16
+    channels_last: bool = False  # NHWC weights and inputs (cuDNN tensor cores)
+    forward_batch: int | None = None  # images per forward of perturbations/metrics; None:
+    # 4 on CPU, from free memory on GPU (shapcam.precision.measured_gpu_batch)
 
     #: The options that decide the maps (and the pointing game's class, which decides stored
     #: per-image metrics): a resumed run must match them.
     MAP_KEYS = ("dataset", "split", "n_images", "seed", "shard_size", "models", "methods",
-                "method_options", "pg_class")
+                "method_options", "pg_class", "precision")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(
@@ -183,6 +188,9 @@ class RunConfig:
             raise ShapCAMError(f"--threads must be >= 1, got {self.threads}")
         if self.batch_images is not None and self.batch_images < 1:
             raise ShapCAMError(f"--batch-images must be >= 1, got {self.batch_images}")
+        check_precision(self.precision)
+        if self.forward_batch is not None and self.forward_batch < 1:
+            raise ShapCAMError(f"--forward-batch must be >= 1, got {self.forward_batch}")
         if self.decode_threads is not None and self.decode_threads < 0:
             raise ShapCAMError(f"--decode-threads must be >= 0, got {self.decode_threads}")
         for k, v in (self.resources or {}).items():

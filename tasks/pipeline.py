@@ -37,6 +37,7 @@ from shapcam.evaluate import (
 )
 from shapcam.methods import METHOD_TITLES, CAMMethod, build_method
 from shapcam.models import INPUT_SIZE, LoadedModel, load_model
+from shapcam.precision import autocast, channels_last, measured_gpu_batch, to_channels_last
 from storage import (
     SaliencyStore,
     TableSpec,
@@ -60,15 +61,43 @@ _MODELS: dict[tuple[str, str, str | None, str], LoadedModel] = {}
 _METHODS: dict[tuple[Any, ...], CAMMethod] = {}
 
 
-def cached_model(spec: ModelSpec, device: str) -> LoadedModel:
-    """Load a model once per worker process and reuse it across tasks."""
-    key = (spec.name, spec.weights, spec.layer, device)
+def cached_model(spec: ModelSpec, device: str, nhwc: bool = False) -> LoadedModel:
+    """Load a model once per worker process and reuse it across tasks (``nhwc``: in the
+    channels-last memory format)."""
+    key = (spec.name, spec.weights, spec.layer, device, nhwc)
     if key not in _MODELS:
         if device.startswith("cpu"):
             tune_allocator()  # worker processes: keep freed activations for reuse
-        _MODELS[key] = load_model(spec.name, spec.weights, target_layer=spec.layer,
-                                  device=device)
+        lm = load_model(spec.name, spec.weights, target_layer=spec.layer, device=device)
+        if nhwc:
+            to_channels_last(lm.model)
+        _MODELS[key] = lm
     return _MODELS[key]
+
+
+_GPU_BATCH: dict[tuple[int, str], int] = {}
+#: Methods whose ``batch_size`` option is images per forward (the run's forward batch).
+_FORWARD_BATCHED = ("rise", "scorecam")
+
+
+def forward_batch_for(lm: LoadedModel, config: RunConfig) -> int | None:
+    """Images per forward of the perturbation methods and metrics: ``config.forward_batch``,
+    else measured from free memory on a GPU (once per worker), else None (4 on CPU)."""
+    if config.forward_batch is not None:
+        return config.forward_batch
+    if lm.device.type != "cuda":
+        return None
+    key = (id(lm), config.precision)
+    if key not in _GPU_BATCH:
+        _GPU_BATCH[key] = measured_gpu_batch(lm.model, lm.device, precision=config.precision)
+    return _GPU_BATCH[key]
+
+
+def method_options_for(config: RunConfig, method: str, forward: int | None) -> dict[str, Any]:
+    options = config.options_for(method)
+    if forward is not None and method in _FORWARD_BATCHED and options.get("batch_size") is None:
+        return {**options, "batch_size": forward}
+    return options
 
 
 def cached_method(lm: LoadedModel, name: str, options: dict[str, Any]) -> CAMMethod:
@@ -198,7 +227,8 @@ def process_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int,
                            "(shapcam run with the same --run-id) first")
     t0 = time.perf_counter()
     _threads(config)
-    lm = cached_model(model, config.device)
+    lm = cached_model(model, config.device, config.channels_last)
+    forward = forward_batch_for(lm, config)
     spec, g = store.table(dataset, name)
     n = len(records)
     recs = [record_from_dict(d) for d in records]
@@ -221,7 +251,8 @@ def process_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int,
         stored_targets = g["images"]["target"][spec.shard_slice(shard)]
         stored_maps: dict[str, np.ndarray] = {}
     # built (fx-traced) before the decoder threads start: nothing traces while they run
-    cams = {m: cached_method(lm, m, config.options_for(m)) for m in methods} if make_maps else {}
+    cams = ({m: cached_method(lm, m, method_options_for(config, m, forward)) for m in methods}
+            if make_maps else {})
     seconds = dict.fromkeys(methods, 0.0)
     rows: dict[str, list[MetricRow]] = {m: [] for m in methods}
     evaluations, explained = 0, 0
@@ -235,7 +266,7 @@ def process_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int,
         if not good:
             continue
         idx = [d.index for d in good]
-        x = stack(good, lm.device)
+        x = channels_last(stack(good, lm.device), config.channels_last)
         examples = [(d.record, d.boxes) for d in good]
         if make_maps:
             for d in good:
@@ -249,7 +280,8 @@ def process_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int,
                 kwargs = ({"seeds": [image_seed(config.seed, d.record.image_id) for d in good]}
                           if m == "shapcam" else {})
                 t = time.perf_counter()
-                result = cam(x, None, **kwargs)
+                with autocast(lm.device, config.precision):
+                    result = cam(x, None, **kwargs)
                 _synchronize(lm.device)
                 seconds[m] += time.perf_counter() - t
                 arrays = out[m]
@@ -267,15 +299,19 @@ def process_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int,
                 maps = torch.from_numpy(stored_maps[m][idx].astype(np.float32)).to(lm.device)
                 targets = torch.from_numpy(stored_targets[idx].astype(np.int64)).to(lm.device)
             if score:
-                rows[m] += score_maps(lm.model, x, maps, targets, examples, m, config.protocol,
-                                      config.causal_pixels, math.nan, seed=config.seed,
-                                      pg_class=config.pg_class)
+                with autocast(lm.device, config.precision):
+                    rows[m] += score_maps(lm.model, x, maps, targets, examples, m,
+                                          config.protocol, config.causal_pixels, math.nan,
+                                          seed=config.seed, pg_class=config.pg_class,
+                                          batch_size=forward)
     per_image = ({m: t / explained for m, t in seconds.items()} if make_maps and explained
                  else shard_record.get("seconds", {}))
     if make_maps:
         store.write_shard(dataset, name, shard, images, out, record={
             "failures": failures, "seconds": per_image, "shapcam_evaluations": evaluations,
             "wall_seconds": time.perf_counter() - t0, "worker": worker_identity(),
+            "forward_batch": forward, "batch_images": image_batch(config.device,
+                                                                  config.batch_images),
             "rss_bytes": psutil.Process().memory_info().rss})
         written = sum(a.nbytes for arrays in out.values() for a in arrays.values())
         log.info("explain %s/%s shard %d: %d images read, %d failed%s; seconds per image: %s; "

@@ -74,6 +74,9 @@ Workers = Annotated[int, typer.Option(help="Local Dask worker processes (CPU; wi
 BatchImages = Annotated[int | None, typer.Option(
     help="Images per compute batch (default: 8 on CPU, 64 on GPU); results do not depend on it.",
     show_default=False)]
+Precision = Annotated[str, typer.Option(
+    help="fp32 (exact, the default), bf16 or fp16 (CUDA): autocast of every forward and "
+         "backward; maps and metrics within the tolerances of docs/benchmarks.md.")]
 DecodeThreads = Annotated[int | None, typer.Option(
     help="Image decoder threads working ahead of the compute (default: 1 on CPU, up to 8 on "
          "GPU; 0: decode inline).", show_default=False)]

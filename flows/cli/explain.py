@@ -21,6 +21,7 @@ from .common import (
     Causal,
     DecodeThreads,
     PgClass,
+    Precision,
     Preset,
     Protocol,
     Seed,
@@ -155,6 +156,7 @@ def evaluate(
     target: Annotated[str, typer.Option(help="predicted (paper) or label.")] = "predicted",
     causal: Causal = True, pg_class: PgClass = "target",
     batch_images: BatchImages = None, decode_threads: DecodeThreads = None,
+    precision: Precision = "fp32",
     preset: Preset = "paper", settings: Settings = None, device: AutoDevice = "",
     json_path: Annotated[Path | None, typer.Option(
         "--json", help="Also write the table and per-image rows as JSON.")] = None,
@@ -172,14 +174,14 @@ def evaluate(
         config = RunConfig.build(dataset=dataset, root=root, split=split, methods=methods,
                                  models=(ModelSpec(model, weights, layer),), n_images=n_images,
                                  seed=seed, protocol=protocol, causal=causal, preset=preset,
-                                 pg_class=pg_class, settings=settings)
+                                 pg_class=pg_class, settings=settings, precision=precision)
         records = draw_records(open_dataset(dataset, config.root, split), n_images, seed)
         lm = load_model(model, weights, target_layer=layer, device=device or default_device())
         with tqdm(total=len(records), desc="evaluate", unit="img") as bar:
             rows = evaluate_records(lm, records, config.methods, protocol=protocol,
                                     target=target, method_options=config.method_options,
                                     batch_images=batch_images, threads=decode_threads,
-                                    causal=causal,
+                                    precision=precision, causal=causal,
                                     causal_step=config.causal_step, seed=seed,
                                     pg_class=pg_class, progress=bar.update)
     table = summary_table(rows, config.methods)

@@ -8,6 +8,7 @@ run option is a field of :class:`tasks.config.RunConfig` plus one line here).
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,6 +26,7 @@ from .common import (
     DecodeThreads,
     Device,
     PgClass,
+    Precision,
     Preset,
     Protocol,
     RunId,
@@ -64,6 +66,13 @@ RUN_OPTIONS: list[tuple[str, Any, Any]] = [
     ("store", Store, "runs"),
     ("device", Device, _D.device),
     ("batch_images", BatchImages, None),
+    ("forward_batch", Annotated[int | None, typer.Option(
+        help="Images per forward of RISE, Score-CAM and the metrics (default: 4 on CPU, "
+             "from free memory on GPU).", show_default=False)], None),
+    ("precision", Precision, _D.precision),
+    ("channels_last", Annotated[bool, typer.Option(
+        help="Model and inputs in the channels-last (NHWC) layout (GPU tensor cores).")],
+     _D.channels_last),
     ("decode_threads", DecodeThreads, None),
     ("workers", Workers, DEFAULT_WORKERS),
     ("threads", Threads, 1),  # one task per worker process: one thread each
@@ -126,7 +135,10 @@ def _store(store: str) -> str:
 @with_run_options
 def run(run_id: RunId = None, repair: Annotated[bool, typer.Option(
         help="Verify the run first and recompute its damaged shards (see `shapcam verify`).")
-        ] = False, **options: Any) -> None:
+        ] = False, dry_run: Annotated[bool, typer.Option(
+        help="Compute nothing: print the passes per image per method and the projected hours "
+             "on this machine from a short calibration (about 20 s per model).")] = False,
+        **options: Any) -> None:
     """Run the explain-dataset flow (Prefect + Dask): maps to Zarr, metrics to Parquet, report."""
     from dashboards.render import markdown
     from tasks.reports import caption, paper_table
@@ -136,6 +148,9 @@ def run(run_id: RunId = None, repair: Annotated[bool, typer.Option(
     with user_errors():
         config = run_config(options)
         preflight(config, options["dask_address"], options["gpus"])
+        if dry_run:
+            _dry_run(config, options)
+            return
     if repair and run_id is None:
         fail("--repair needs the --run-id of the run to repair")
     run_id = run_id or new_run_id()
@@ -155,6 +170,60 @@ def run(run_id: RunId = None, repair: Annotated[bool, typer.Option(
                f"{result['shards']} shards were already done)")
     typer.echo(f"report: {result['report']}\nquery:  shapcam query {run_dir} "
                "\"select method, avg(avg_drop) from metrics group by method\"")
+
+
+def _dry_run(config: RunConfig, options: dict[str, Any]) -> None:
+    """``run --dry-run``: the cost model of this run (:mod:`shapcam.cost`) on this machine."""
+    import torch
+
+    from dashboards.render import Table, markdown
+    from shapcam.cost import calibrate, calibration_batch, calibration_size
+    from shapcam.data import draw_records, open_dataset
+    from shapcam.errors import ShapCAMError
+    from shapcam.models import load_model
+
+    try:
+        n = len(draw_records(open_dataset(config.dataset, config.root, config.split),
+                             config.n_images, config.seed))
+        where = f"{config.dataset} ({n} images)"
+    except ShapCAMError:
+        if config.n_images is None:
+            raise
+        n, where = config.n_images, f"{config.n_images} images of {config.dataset} (not read)"
+    device = config.device
+    parallel = (len(_gpus_of(options)) if device.startswith("cuda") and
+                not options["dask_address"] else options["workers"])
+    torch.set_num_threads(options["threads"])
+    total = 0.0
+    for spec in config.models:
+        lm = load_model(spec.name, spec.weights, target_layer=spec.layer, device=device)
+        x = calibration_batch(lm.device, calibration_size(lm.device, config.batch_images))
+        t = time.perf_counter()
+        costs = calibrate(lm, config.methods, config.method_options, config.causal_pixels,
+                          config.protocol, x)
+        secs = time.perf_counter() - t
+        per_image = sum(c.seconds for c in costs)
+        total += per_image * n
+        rows = [[c.method, c.passes, c.map_seconds, c.metric_seconds, c.seconds]
+                for c in costs] + [["all", "", None, None, per_image]]
+        name = (torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda"
+                else f"CPU, {options['threads']} thread(s)")
+        typer.echo(markdown(Table(
+            f"{spec.name} on {name}: projected seconds per image (calibrated in {secs:.0f} s "
+            f"on {x.shape[0]} image(s))",
+            ["method", "passes per image (maps; metrics)", "maps s", "metrics s", "total s"],
+            rows, digits=3)) + "\n")
+    hours = total / 3600
+    typer.echo(f"projected: {where} x {len(config.models)} model(s), preset {config.preset}: "
+               f"{hours:.2f} h for one worker; {hours / max(1, parallel):.2f} h on "
+               f"{parallel} {'GPU' if device.startswith('cuda') else 'worker'}(s) "
+               "(compute only: add about a minute for the Prefect server and the cluster)")
+
+
+def _gpus_of(options: dict[str, Any]) -> list[str]:
+    from ..runtime import visible_gpus
+
+    return visible_gpus(options["gpus"])
 
 
 def _repair(run_dir: str) -> None:

@@ -1,0 +1,146 @@
+"""A cost model of the paper's protocol: passes per image per method, and seconds per image on
+this machine from a short calibration (``shapcam run --dry-run``).
+
+Every method's cost is linear in one knob (RISE: masks; Score-CAM: channels; Mask: iterations;
+Shap-CAM: orders; deletion/insertion: steps). The calibration runs the real method on a few
+images at two small values of its knob, fits ``seconds = a + b * knob`` and evaluates it at the
+configured value, so fast paths, batching and the device are in the figure. Grad-CAM,
+Grad-CAM++ and the Average Drop forwards are timed as they are.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .cpu import forward_batch
+from .methods import build_method
+from .metrics import confidence_metrics, deletion_insertion
+from .models import INPUT_SIZE, LoadedModel
+
+#: method -> (its cost knob, the two calibration values, the default when not configured)
+KNOBS: dict[str, tuple[str, tuple[int, int], int]] = {
+    "rise": ("n_masks", (4, 12), 8000),
+    "scorecam": ("max_channels", (4, 12), 0),  # 0: every channel (resolved per model)
+    "mask": ("iterations", (2, 6), 500),
+    "shapcam": ("permutations", (4, 16), 512),
+}
+
+
+@dataclass
+class MethodCost:
+    """Projected cost of one method per image: its maps, and its metrics."""
+
+    method: str
+    passes: str  # what it runs per image, in words
+    map_seconds: float
+    metric_seconds: float
+
+    @property
+    def seconds(self) -> float:
+        return self.map_seconds + self.metric_seconds
+
+
+def passes(method: str, options: dict[str, Any], channels: int, players: int,
+           causal_steps: int | None) -> str:
+    """The passes of ``method`` per image (maps and metrics), as a table cell."""
+    o = options
+    maps = {
+        "gradcam": "1 forward + 1 backward (head)",
+        "gradcampp": "1 forward + 1 backward (head)",
+        "scorecam": f"1 + {o.get('max_channels') or channels} forwards",
+        "rise": f"1 + {o.get('n_masks', 8000)} forwards",
+        "mask": f"1 + {o.get('iterations', 500)} x (forward + backward)",
+        "shapcam": f"1 trunk forward + {o.get('permutations', 512)} x {players} head "
+                   "evaluations",
+    }.get(method, "?")
+    metrics = "2 forwards (Average Drop)"
+    if causal_steps is not None:
+        metrics += f" + 2 x {causal_steps + 1} forwards (deletion, insertion)"
+    return f"{maps}; {metrics}"
+
+
+def _timed(device: torch.device, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
+    """Seconds of ``fn(*args, **kwargs)``, the device's queue drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    fn(*args, **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
+
+
+def _linear(t_a: float, t_b: float, a: int, b: int, k: int) -> float:
+    """``t(k)`` of the line through ``(a, t_a)`` and ``(b, t_b)``, never below ``t_b``'s
+    per-unit share (timer noise can make the slope negative on tiny knobs)."""
+    slope = max((t_b - t_a) / (b - a), t_b / b * 0.5)
+    return max(0.0, t_a + (k - a) * slope)
+
+
+def calibrate(lm: LoadedModel, methods: Sequence[str],
+              method_options: dict[str, dict[str, Any]], causal_step: int | None,
+              protocol: str, x: torch.Tensor) -> list[MethodCost]:
+    """Seconds per image of each method (maps and metrics) on ``x``'s device, projected from
+    runs at two small values of the method's cost knob. ``x``: a batch of real images."""
+    device = x.device
+    B = x.shape[0]
+    with torch.no_grad():
+        from .split import split_model
+
+        trunk, _ = split_model(lm.model, lm.target_layer)
+        features = trunk(x[:1])
+    channels, players = features.shape[1], features.shape[2] * features.shape[3]
+    H, W = x.shape[-2:]
+    steps = math.ceil(H * W / causal_step) if causal_step is not None else None
+    out = []
+    for m in methods:
+        options = dict(method_options.get(m, {}))
+        cam = None
+        if m in KNOBS:
+            knob, (a, b), default = KNOBS[m]
+            target = options.get(knob) or (channels if m == "scorecam" else default)
+            times = []
+            for k in (a, b):
+                cam = build_method(m, lm, {**options, knob: k})
+                cam(x)  # warm-up: the first call allocates and autotunes
+                times.append(_timed(device, cam, x))
+            map_s = _linear(times[0], times[1], a, b, target) / B
+        else:
+            cam = build_method(m, lm, options)
+            cam(x)
+            map_s = _timed(device, cam, x) / B
+        result = cam(x)
+        maps, targets = result.maps, result.targets
+        metric_s = _timed(device, confidence_metrics, lm.model, x, maps, targets, protocol) / B
+        if steps is not None:
+            # 2 and 6 steps, then the line at the configured steps
+            times = [_timed(device, deletion_insertion, lm.model, x, maps, targets,
+                            step=math.ceil(H * W / s)) for s in (2, 6)]
+            metric_s += _linear(times[0], times[1], 3, 7, steps + 1) / B
+        out.append(MethodCost(m, passes(m, options, channels, players, steps), map_s,
+                              metric_s))
+    return out
+
+
+def calibration_batch(device: torch.device, batch: int) -> torch.Tensor:
+    """``batch`` real photos (the bundled ones, repeated) preprocessed on ``device``."""
+    from .images import load_batch
+    from .photos import BUNDLED_PHOTOS
+
+    paths = [p.path for p in BUNDLED_PHOTOS]
+    x, _ = load_batch([paths[i % len(paths)] for i in range(batch)], INPUT_SIZE)
+    return x.to(device)
+
+
+def calibration_size(device: torch.device, requested: int | None = None) -> int:
+    """Images per calibration batch: the perturbation methods' forward batch on GPU (so the
+    figure includes batching), one on CPU (keeps VGG16's calibration to seconds)."""
+    if requested is not None:
+        return requested
+    return 1 if device.type == "cpu" else min(8, forward_batch(device, None))
