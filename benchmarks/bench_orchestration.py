@@ -37,11 +37,53 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float | None]:
     return time.perf_counter() - t, float(found.group(1)) if found else None
 
 
+_LAYER = r"""
+import json, sys, time, torch
+from shapcam.cpu import tune_allocator
+from tasks.config import RunConfig
+from tasks.pipeline import plan_run, process_shard
+tune_allocator()
+root, run_dir, mode, threads, batch = sys.argv[1:6]
+config = RunConfig.build(dataset="imagenet", root=root, methods="gradcam,shapcam", causal=False,
+                         shard_size=64, threads=int(threads), batch_images=int(batch))
+plan = plan_run(run_dir, "layer", config)
+def shards():
+    for k, records in enumerate(plan["shards"]):
+        process_shard(run_dir, config, config.models[0], k, records)
+if mode == "inprocess":
+    t = time.perf_counter(); shards(); print(json.dumps(time.perf_counter() - t))
+else:
+    from distributed import Client
+    from flows.runtime import local_cluster
+    if __name__ == "__main__":
+        with local_cluster(n_workers=1, threads=int(threads)) as cluster, Client(cluster) as c:
+            c.wait_for_workers(1)
+            t = time.perf_counter()
+            futures = [c.submit(process_shard, run_dir, config, config.models[0], k, r,
+                                pure=False) for k, r in enumerate(plan["shards"])]
+            c.gather(futures)
+            print(json.dumps(time.perf_counter() - t))
+"""
+
+
+def layer(root: Path, run_dir: Path, mode: str, threads: int, batch: int,
+          env: dict[str, str]) -> float:
+    """Seconds of the pipeline's shard loop without Prefect: in this process's layer
+    (``inprocess``) or submitted to one local Dask worker (``dask``), model load included."""
+    script = run_dir.parent / f"layer-{mode}.py"
+    script.write_text(_LAYER)
+    out = subprocess.run([sys.executable, str(script), str(root), str(run_dir), mode,
+                          str(threads), str(batch)], env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stdout[-3000:] + out.stderr[-3000:])
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (all cores)")
-    parser.add_argument("--batches", default="4,8,16", help="plain-loop batch sizes to try")
+    parser.add_argument("--batches", default="8,16", help="plain-loop batch sizes to try")
     parser.add_argument("--shards", default="8,64,256", help="shard sizes, side by side")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
@@ -64,6 +106,10 @@ def main() -> None:
         print(f"shapcam evaluate --batch-images {b}: {plain[b]:.1f} s", flush=True)
     best = min(plain, key=plain.get)
     t_plain = plain[best]
+    layers = {}
+    for mode in ("inprocess", "dask"):
+        layers[mode] = layer(root, tmp / f"layer-{mode}", mode, args.threads, best, env)
+        print(f"pipeline, {mode}: {layers[mode]:.1f} s", flush=True)
     (tmp / "prefect").mkdir()
     os.environ["PREFECT_HOME"] = env["PREFECT_HOME"]
     from flows.runtime import local_prefect_server, prefect_environment
@@ -97,6 +143,10 @@ def main() -> None:
     for label, (secs, task_secs) in timings.items():
         rows.append(f"| shapcam run, {label} | {secs:.1f} | **{secs / t_plain:.2f}x** | "
                     f"{task_secs:.1f} |")
+    rows.append(f"| pipeline without Prefect, in one process (shards of 64; work only) | | | "
+                f"{layers['inprocess']:.1f} |")
+    rows.append(f"| pipeline without Prefect, on one local Dask worker (work only) | | | "
+                f"{layers['dask']:.1f} |")
     one = timings["1 worker x 1 thread, shards of 64"]
     two = timings[f"{args.threads} workers x 1 thread, shards of 64"]
     rows.append(f"| {args.threads} workers vs 1 worker, 1 thread each (throughput) | | "

@@ -251,7 +251,11 @@ def local_cluster(n_workers: int = DEFAULT_WORKERS, threads: int = 1,
     from distributed.system import MEMORY_LIMIT
 
     pins: list[str | None] = list(devices) if devices else [None] * n_workers
-    base = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    # One malloc arena: tasks run on a worker *thread*, whose own glibc arena (64 MB heaps,
+    # unmapped when empty) defeats shapcam.cpu.tune_allocator and page-faults every batch in
+    # again: the same shards took 51 s instead of 33 s on the 2-core VM (docs/benchmarks.md).
+    base = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "MALLOC_ARENA_MAX": "1"}
     workers = {}
     for i, dev in enumerate(pins):
         env = base | ({"CUDA_VISIBLE_DEVICES": dev} if dev is not None else {})

@@ -5,6 +5,9 @@ runner when it starts, then runs ``explain-dataset`` as a subflow. ``config`` is
 :class:`tasks.config.RunConfig` as a dict (``shapcam serve`` validated it when it registered the
 deployment). Each trigger gets its own run id (the scheduled start time) unless ``run_id`` is
 given, in which case every trigger resumes, then re-uses, the same run.
+
+Imports are absolute: a work-pool deployment (``prefect.yaml``) loads this file by its path,
+outside the ``flows`` package.
 """
 
 from __future__ import annotations
@@ -14,10 +17,9 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.explain_dataset import explain_dataset
+from flows.runtime import DEFAULT_WORKERS, new_run_id, run_dir_for, task_runner
 from tasks.config import RunConfig
-
-from .explain_dataset import explain_dataset
-from .runtime import DEFAULT_WORKERS, new_run_id, run_dir_for, task_runner
 
 
 @flow(name="scheduled-explain", flow_run_name="scheduled {config[dataset]} run")

@@ -53,7 +53,9 @@ def test_defaults_are_stated_once():
 def test_old_configs_are_read_with_todays_names():
     config = RunConfig.from_dict(OLD_CONFIG)
     assert config.threads == 1 and "torch_threads" not in config.to_dict()
-    assert config.map_options() == {k: OLD_CONFIG.get(k, "target") for k in RunConfig.MAP_KEYS}
+    # keys added since: their defaults are what those stores were made with
+    added = {"pg_class": "target", "precision": "fp32"}
+    assert config.map_options() == {k: OLD_CONFIG.get(k, added.get(k)) for k in RunConfig.MAP_KEYS}
     assert config.pg_class == "target"  # stores made before --pg-class used the target's box
     spec = DistillSpec.from_dict({"dataset": "digits", "orders": 8})
     assert spec.permutations == 8
@@ -70,6 +72,11 @@ def test_old_configs_are_read_with_todays_names():
      "bad option for gradcam"),
     ({"n_images": 0}, "--n-images must be >= 1"),
     ({"pg_class": "box"}, "unknown --pg-class 'box'; use one of target, label"),
+    ({"precision": "fp8"}, "unknown precision 'fp8'; use one of fp32, bf16, fp16"),
+    ({"batch_images": 0}, "--batch-images must be >= 1"),
+    ({"decode_threads": -1}, "--decode-threads must be >= 0"),
+    ({"forward_batch": 0}, "--forward-batch must be >= 1"),
+    ({"resources": {"GPU": 0}}, "--task-resources: GPU=0 is not NAME=AMOUNT"),
 ])
 def test_validation_in_one_place(fields, message):
     with pytest.raises(ShapCAMError, match=message):

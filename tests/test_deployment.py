@@ -18,11 +18,22 @@ pytestmark = pytest.mark.real_weights
 
 
 def _prefect(*args: str, env: dict[str, str], timeout: float = 300) -> str:
-    out = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, f"prefect {' '.join(args)}:\n{out.stdout[-3000:]}\n" \
-                                f"{out.stderr[-3000:]}"
-    return out.stdout
+    """``prefect ARGS`` in its own process group, stopped with everything it started if it
+    does not finish in time (a stuck flow run must not outlive the test)."""
+    from flows.runtime import stop_process
+
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_process(proc, timeout=10)
+        out, err = proc.communicate()
+        pytest.fail(f"prefect {' '.join(args)} did not finish in {timeout} s:\n"
+                    f"{out[-3000:]}\n{err[-3000:]}")
+    assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{out[-3000:]}\n{err[-3000:]}"
+    return out
 
 
 def test_prefect_yaml_deployment_runs_on_a_process_worker(mobilenet, prefect_server, tmp_path,

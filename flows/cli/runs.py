@@ -191,6 +191,9 @@ def _dry_run(config: RunConfig, options: dict[str, Any]) -> None:
             raise
         n, where = config.n_images, f"{config.n_images} images of {config.dataset} (not read)"
     device = config.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ShapCAMError("--dry-run calibrates on this machine, which has no CUDA device; "
+                           "run it on a GPU node (or project a CPU run with --device cpu)")
     parallel = (len(_gpus_of(options)) if device.startswith("cuda") and
                 not options["dask_address"] else options["workers"])
     torch.set_num_threads(options["threads"])
@@ -213,11 +216,12 @@ def _dry_run(config: RunConfig, options: dict[str, Any]) -> None:
             f"on {x.shape[0]} image(s))",
             ["method", "passes per image (maps; metrics)", "maps s", "metrics s", "total s"],
             rows, digits=3)) + "\n")
-    hours = total / 3600
+    many = total / max(1, parallel)
     typer.echo(f"projected: {where} x {len(config.models)} model(s), preset {config.preset}: "
-               f"{hours:.2f} h for one worker; {hours / max(1, parallel):.2f} h on "
-               f"{parallel} {'GPU' if device.startswith('cuda') else 'worker'}(s) "
-               "(compute only: add about a minute for the Prefect server and the cluster)")
+               f"{total:.0f} s ({total / 3600:.2f} h) for one worker; {many:.0f} s "
+               f"({many / 3600:.2f} h) on {parallel} "
+               f"{'GPU' if device.startswith('cuda') else 'worker'}(s) (compute only: add "
+               "about a minute for the Prefect server and the cluster)")
 
 
 def _gpus_of(options: dict[str, Any]) -> list[str]:

@@ -1,0 +1,125 @@
+"""The GPU checks of dataset runs, as one script for a lent GPU machine (about 10 minutes).
+
+    .venv/bin/python benchmarks/gpu_pipeline.py [--images 512] [--out gpu-pipeline.md]
+
+1. `shapcam run --device cuda` end to end (local one-worker-per-GPU cluster, its own Prefect
+   server) on a synthetic ILSVRC-layout set made from the sample photos: Grad-CAM + Shap-CAM +
+   Average Drop (no deletion/insertion), MobileNetV2 (real weights) and VGG16 (random weights:
+   speed does not depend on them), shards of 64; images/s of the task phase.
+2. The compute floor of the same passes on the same card: plain batched calls on pre-decoded
+   tensors (trunk forward, Grad-CAM backward, the Shap-CAM head work, the two Average Drop
+   forwards), 64 images per batch; the run's throughput as a fraction of it (goal >= 70%).
+3. `--dry-run`'s projection against a real run of the quick preset (all six methods) on
+   MobileNetV2 for 128 images.
+4. The Shap-CAM engine against its floor on GAP+FC heads on the GPU
+   (`bench_shapcam_floor.py --device cuda`), and the fp16 tolerance test
+   (`tests/test_precision.py`).
+
+Prints markdown to paste into docs/benchmarks.md (with the card's name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-c", "from flows.cli import app; app()"]
+
+
+def shapcam(*args: str, env: dict[str, str]) -> str:
+    out = subprocess.run([*CLI, *args], cwd=REPO, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stdout[-3000:] + out.stderr[-3000:])
+    return out.stdout
+
+
+def task_seconds(stdout: str) -> float:
+    return float(re.search(r"^tasks: ([0-9.]+) s", stdout, re.MULTILINE).group(1))
+
+
+def floor_images_per_second(model: str, weights: str, x: torch.Tensor) -> float:
+    """Grad-CAM + Shap-CAM + Average Drop as plain batched calls on pre-decoded tensors."""
+    from shapcam import build_method, load_model
+    from shapcam.metrics import confidence_metrics
+
+    lm = load_model(model, weights, device="cuda")
+    gradcam, shap = build_method("gradcam", lm), build_method("shapcam", lm)
+
+    def once() -> None:
+        for s in range(0, x.shape[0], 64):
+            xb = x[s:s + 64]
+            for cam in (gradcam, shap):
+                r = cam(xb)
+                confidence_metrics(lm.model, xb, r.maps.half().float(), r.targets)
+
+    once()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    once()
+    torch.cuda.synchronize()
+    return x.shape[0] / (time.perf_counter() - t)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    from shapcam.data import open_dataset
+    from shapcam.data.sample_dataset import build_synthetic_dataset
+    from shapcam.data.stream import decoded_batches
+    from shapcam.weights import install_offline_weights
+
+    install_offline_weights()
+    card = torch.cuda.get_device_name(0)
+    tmp = Path(tempfile.mkdtemp(prefix="shapcam-gpu-"))
+    root = build_synthetic_dataset(tmp / "data", args.images)
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "PYTHONPATH": str(REPO)}
+    lines = [f"GPU: {card}, torch {torch.__version__}, {args.images} images", "",
+             "| model | shapcam run images/s (task phase) | floor images/s | run / floor |",
+             "|---|---|---|---|"]
+    records = open_dataset("imagenet", root)
+    x = torch.cat([torch.stack([d.x for d in b]) for b in decoded_batches(records, 64, 8)])
+    x = x.cuda()
+    for model, weights in (("mobilenet_v2", "IMAGENET1K_V1"), ("vgg16", "random")):
+        out = shapcam("run", "--dataset", "imagenet", "--root", str(root), "--models",
+                      f"{model}:{weights}", "--methods", "gradcam,shapcam", "--no-causal",
+                      "--shard-size", "64", "--device", "cuda", "--store", str(tmp / "runs"),
+                      "--run-id", model, env=env)
+        run_ips = args.images / task_seconds(out)
+        floor_ips = floor_images_per_second(model, weights, x)
+        lines.append(f"| {model} | {run_ips:.1f} | {floor_ips:.1f} | "
+                     f"**{run_ips / floor_ips:.0%}** |")
+    # the cost model against a real run (quick preset, six methods, MobileNetV2)
+    common = ["--dataset", "imagenet", "--root", str(root), "--n-images", "128", "--preset",
+              "quick", "--device", "cuda", "--shard-size", "64"]
+    plan = shapcam("run", *common, "--dry-run", env=env)
+    projected = float(re.search(r"; ([0-9.]+) s \(", plan).group(1))
+    real = task_seconds(shapcam("run", *common, "--store", str(tmp / "runs"), "--run-id",
+                                "quick", env=env))
+    lines += ["", plan, "", f"cost model: projected {projected:.0f} s for 128 images (quick "
+              f"preset, six methods), measured task phase {real:.0f} s: "
+              f"**{projected / real:.2f}x**", ""]
+    floor = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_shapcam_floor.py"),
+                            "--device", "cuda"], cwd=REPO, capture_output=True, text=True)
+    lines.append(floor.stdout)
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_precision.py"],
+                           cwd=REPO, capture_output=True, text=True)
+    lines.append("tests/test_precision.py: " + tests.stdout.strip().splitlines()[-1])
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
