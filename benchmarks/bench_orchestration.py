@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (all cores)")
     parser.add_argument("--batches", default="8,16", help="plain-loop batch sizes to try")
     parser.add_argument("--shards", default="8,64,256", help="shard sizes, side by side")
+    parser.add_argument("--layers", default="inprocess,dask",
+                        help="pipeline layers without Prefect to time (empty: none)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
     from shapcam.data.sample_dataset import build_synthetic_dataset
@@ -107,7 +109,7 @@ def main() -> None:
     best = min(plain, key=plain.get)
     t_plain = plain[best]
     layers = {}
-    for mode in ("inprocess", "dask"):
+    for mode in filter(None, args.layers.split(",")):
         layers[mode] = layer(root, tmp / f"layer-{mode}", mode, args.threads, best, env)
         print(f"pipeline, {mode}: {layers[mode]:.1f} s", flush=True)
     (tmp / "prefect").mkdir()
@@ -143,10 +145,9 @@ def main() -> None:
     for label, (secs, task_secs) in timings.items():
         rows.append(f"| shapcam run, {label} | {secs:.1f} | **{secs / t_plain:.2f}x** | "
                     f"{task_secs:.1f} |")
-    rows.append(f"| pipeline without Prefect, in one process (shards of 64; work only) | | | "
-                f"{layers['inprocess']:.1f} |")
-    rows.append(f"| pipeline without Prefect, on one local Dask worker (work only) | | | "
-                f"{layers['dask']:.1f} |")
+    labels = {"inprocess": "in one process", "dask": "on one local Dask worker"}
+    rows += [f"| pipeline without Prefect, {labels[mode]} (shards of 64; work only) | | | "
+             f"{secs:.1f} |" for mode, secs in layers.items()]
     one = timings["1 worker x 1 thread, shards of 64"]
     two = timings[f"{args.threads} workers x 1 thread, shards of 64"]
     rows.append(f"| {args.threads} workers vs 1 worker, 1 thread each (throughput) | | "
