@@ -59,7 +59,10 @@ class CellLinearPlan:
         return self._by_cell[dtype]
 
 
-def _is_flatten(node: fx.Node) -> bool:
+def _is_flatten(gm: fx.GraphModule, node: fx.Node) -> bool:
+    m = _module(gm, node)
+    if isinstance(m, nn.Flatten):  # timm's SelectAdaptivePool2d(flatten=True)
+        return m.start_dim == 1 and m.end_dim == -1
     if node.op == "call_function" and node.target is torch.flatten:
         start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
         return start == 1 and len(node.args) <= 2
@@ -150,7 +153,7 @@ def analyse_head(head: nn.Module, feature_shape: tuple[int, int, int]) -> CellLi
                 pooled_hw = (pooled_hw[0] // k[0], pooled_hw[1] // k[1])
             node = nxt
             continue
-        if not flattened and _is_flatten(nxt):
+        if not flattened and _is_flatten(head, nxt):
             flattened = True
             node = nxt
             continue

@@ -24,6 +24,7 @@ from torch import nn
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
+from . import timm_models
 from .errors import ShapCAMError
 
 #: ImageNet statistics used by every torchvision classifier and by the paper.
@@ -95,6 +96,9 @@ def _weights_enum(name: str, spec: str) -> torchvision.models.WeightsEnum:
 
 
 def _check_name(name: str) -> None:
+    if timm_models.is_timm(name):
+        timm_models.architecture(name)
+        return
     names = available_models()
     if name not in names:
         raise ShapCAMError(f"unknown model {name!r}; torchvision classifiers include: "
@@ -116,6 +120,12 @@ def ensure_weights(name: str, weights: str | os.PathLike[str] | None) -> None:
     if _is_path(spec):
         if not Path(spec).is_file():
             raise ShapCAMError(f"weights file {spec} does not exist")
+        return
+    if timm_models.is_timm(name):
+        if spec not in timm_models.PRETRAINED_SPECS:
+            raise ShapCAMError(f"unknown weights {spec!r} for {name}; use 'pretrained', "
+                               "'random' or a path to a state-dict file")
+        timm_models.ensure_pretrained(timm_models.architecture(name))
         return
     _cached_checkpoint(name, _weights_enum(name, spec))
 
@@ -205,10 +215,12 @@ def load_model(
     device: str | torch.device = "cpu",
     categories: list[str] | None = None,
 ) -> LoadedModel:
-    """Load a torchvision classifier by name, in eval mode, on ``device``.
+    """Load a torchvision or timm classifier by name, in eval mode, on ``device``.
 
     Args:
-        name: a torchvision classifier name (``vgg16``, ``resnet18``, ``mobilenet_v2``, ...).
+        name: a torchvision classifier name (``vgg16``, ``resnet18``, ``mobilenet_v2``, ...)
+            or ``timm:NAME`` (:mod:`shapcam.timm_models`: its weight specs, families, input
+            normalisation).
         weights: ``"random"``/``None``, a torchvision weight enum name (default
             ``IMAGENET1K_V1``, the one ``.ci/setup`` installs for MobileNetV2; ``"DEFAULT"`` is
             torchvision's newest, often ``IMAGENET1K_V2``, downloaded on first use), or a
@@ -222,7 +234,9 @@ def load_model(
     _check_name(name)
     spec = "random" if weights is None else str(weights)
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    if spec == "random":
+    if timm_models.is_timm(name):
+        model, spec = timm_models.create(name, spec, num_classes)
+    elif spec == "random":
         model = torchvision.models.get_model(name, weights=None, **kwargs)
     elif _is_path(spec):
         path = Path(spec)
@@ -247,7 +261,8 @@ def load_model(
     n_out = _num_outputs(model)
     if categories is None:
         categories = imagenet_categories() if n_out == 1000 else [str(i) for i in range(n_out)]
-    layer = target_layer or DEFAULT_TARGET_LAYERS.get(name) or auto_target_layer(model)
+    layer = (target_layer or DEFAULT_TARGET_LAYERS.get(name) or timm_models.default_layer(model)
+             or auto_target_layer(model))
     get_module(model, layer)  # validates the name
     return LoadedModel(model=model, name=name, weights=spec, target_layer=layer,
                        categories=list(categories))

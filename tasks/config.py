@@ -23,6 +23,7 @@ from shapcam.methods import METHODS, check_options, method_class
 from shapcam.metrics import VARIANTS
 from shapcam.precision import check_precision
 from shapcam.presets import resolve_preset
+from shapcam.timm_models import PREFIX as TIMM_PREFIX
 
 #: The paper's methods in its column order (the default of ``--methods``).
 ALL_METHODS: tuple[str, ...] = tuple(METHODS)
@@ -111,8 +112,9 @@ def _known(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model to explain: torchvision name (or a ``timm:`` name where supported), weights
-    (enum name, state-dict path or ``random``) and target layer (None: the model's default)."""
+    """A model to explain: torchvision name or ``timm:NAME``, weights (enum name,
+    ``pretrained`` for timm, state-dict path or ``random``) and target layer (None: the
+    model's default)."""
 
     name: str = DEFAULT_MODEL
     weights: str = DEFAULT_WEIGHTS
@@ -120,8 +122,12 @@ class ModelSpec:
 
     @classmethod
     def parse(cls, text: str) -> ModelSpec:
-        """``NAME`` or ``NAME:WEIGHTS`` (e.g. ``vgg16:/w/vgg16.pth``)."""
-        name, _, weights = text.strip().partition(":")
+        """``NAME`` or ``NAME:WEIGHTS`` (e.g. ``vgg16:/w/vgg16.pth``,
+        ``timm:resnet50.a1_in1k:random``)."""
+        text = text.strip()
+        prefix = TIMM_PREFIX if text.startswith(TIMM_PREFIX) else ""
+        name, _, weights = text.removeprefix(prefix).partition(":")
+        name = prefix + name if name else ""
         if not name:
             raise ShapCAMError(f"--models: empty model name in {text!r}; use NAME or "
                                "NAME:WEIGHTS, comma-separated")
