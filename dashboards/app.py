@@ -8,6 +8,7 @@ All reads go through :mod:`dashboards.data` (and so through :mod:`storage`).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import numpy as np
@@ -92,7 +93,7 @@ def images(run: Run, dataset: str, model: str, protocol: str, table: pd.DataFram
     c1, c2, c3, c4 = st.columns(4)
     classes = sorted(table["label_name"].unique().tolist())
     cls = c1.selectbox("Class", ["(all)", *classes], key="class")
-    metric = c2.selectbox("Metric", list(data.METRICS), key="metric",
+    metric = c2.selectbox("Metric", data.metric_choices(table), key="metric",
                           format_func=lambda k: data.METRICS[k])
     method = c3.selectbox("Method", methods, key="method",
                           format_func=titles.get)
@@ -113,7 +114,8 @@ def images(run: Run, dataset: str, model: str, protocol: str, table: pd.DataFram
     has = col in table  # no metrics yet (a run in progress): no metric filter
     shown = data.filter_images(table, label=label, metric=metric if has else None,
                                method=method, low=low, high=high,
-                               sort_by=col if has else None, descending=metric != "avg_drop")
+                               sort_by=col if has else None,
+                               descending=metric not in data.LOWER_IS_BETTER)
     shown = shown[shown["complete"]]
     if by_disagreement and a != b and len(shown):
         if len(shown) > MAX_DISAGREEMENT:  # it reads both maps of every image it ranks
@@ -157,10 +159,12 @@ def image_panel(run: Run, dataset: str, model: str, image_id: str, table: pd.Dat
                                     size=view.maps[method].shape[::-1]),
                      caption=titles[method], use_container_width=True)
         m = view.metrics[method]
+        field = "".join(f"<br>{k} {v:.3f}" for k, v in m.items()
+                        if k not in data.PAPER_METRICS and not math.isnan(v))
         column.markdown(f"<div class='metrics' data-method='{method}'>"
                         f"drop {m['avg_drop']:.2f}<br>incr {m['increase']:.0f}<br>"
                         f"prop {m['proportion']:.3f}<br>del {m['deletion']:.3f}<br>"
-                        f"ins {m['insertion']:.3f}</div>", unsafe_allow_html=True)
+                        f"ins {m['insertion']:.3f}{field}</div>", unsafe_allow_html=True)
     if show_stderr and view.stderr is not None:
         h, w = view.maps["shapcam"].shape
         columns[-1].image(stderr_image(view.stderr, (w, h)), use_container_width=True,
@@ -169,7 +173,7 @@ def image_panel(run: Run, dataset: str, model: str, image_id: str, table: pd.Dat
 
 def per_class(table: pd.DataFrame, methods: list[str], titles: dict[str, str]) -> None:
     st.subheader("Per class")
-    metric = st.selectbox("Metric per class", list(data.METRICS), key="class_metric",
+    metric = st.selectbox("Metric per class", data.metric_choices(table), key="class_metric",
                           format_func=lambda k: data.METRICS[k])
     frame = data.per_class(table, metric, methods, titles)
     if frame.empty:

@@ -22,7 +22,27 @@ from storage import SCHEMA_VERSION, IncompleteShardError, Run, SchemaVersionErro
 #: Per-image metric columns of the metrics table, with what the filters call them.
 METRICS = {"avg_drop": "Average Drop % (lower is better)", "increase": "Increase (1 = yes)",
            "proportion": "Proportion (energy in box)", "deletion": "Deletion AUC (lower)",
-           "insertion": "Insertion AUC (higher)"}
+           "insertion": "Insertion AUC (higher)",
+           # the field metrics (shown when the run computed them: shapcam run --metrics)
+           "sparseness": "Sparseness (Gini, higher: sparser)",
+           "complexity": "Complexity (entropy, lower)",
+           "rank_accuracy": "Relevance rank accuracy (higher)",
+           "mass_accuracy": "Relevance mass accuracy (higher)",
+           "road_morf": "ROAD MoRF accuracy (lower)", "road_lerf": "ROAD LeRF accuracy (higher)",
+           "mprt_spearman": "MPRT Spearman (lower: passes)",
+           "mprt_ssim": "MPRT SSIM (lower: passes)"}
+#: Metrics of which lower values are better (sorted ascending).
+LOWER_IS_BETTER = {"avg_drop", "deletion", "complexity", "road_morf", "mprt_spearman",
+                   "mprt_ssim"}
+PAPER_METRICS = ("avg_drop", "increase", "proportion", "deletion", "insertion")
+
+
+def metric_choices(table: pd.DataFrame) -> list[str]:
+    """The paper's metrics, then the field metrics that have a value in ``table``."""
+    def computed(k: str) -> bool:
+        return any(c.startswith(f"{k}:") and table[c].notna().any() for c in table.columns)
+
+    return [*PAPER_METRICS, *(k for k in METRICS if k not in PAPER_METRICS and computed(k))]
 
 
 #: Summary rows that are image counts, not metric values (shapcam.evaluate.POINTING_COUNTS).

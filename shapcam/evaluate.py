@@ -6,6 +6,7 @@ Rows carry the protocol variant, so tables of different variants are never mixed
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import zlib
@@ -18,6 +19,13 @@ import torch
 from .data.records import ImageRecord, pointing_status
 from .data.stream import decode_threads, decoded_batches, image_batch, stack
 from .errors import ShapCAMError
+from .field_metrics import (
+    MPRT_DEPTHS,
+    field_scores,
+    mprt_depths,
+    randomisable_layers,
+    randomised_copy,
+)
 from .methods import METHOD_TITLES, CAMMethod, build_method
 from .metrics import confidence_metrics, deletion_insertion, energy_pointing_game
 from .models import LoadedModel
@@ -30,6 +38,17 @@ TABLE_ROWS: tuple[tuple[str, str, str], ...] = (
     ("Proportion % (energy pointing game, higher)", "proportion", "percent"),
     ("Deletion AUC (lower)", "deletion", "mean"),
     ("Insertion AUC (higher)", "insertion", "mean"),
+)
+#: Rows of the field metrics (:mod:`shapcam.field_metrics`), shown when a run computed them.
+FIELD_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("Sparseness (Gini, higher: sparser)", "sparseness", "mean"),
+    ("Complexity (entropy, lower: simpler)", "complexity", "mean"),
+    ("Relevance rank accuracy (higher)", "rank_accuracy", "mean"),
+    ("Relevance mass accuracy (higher)", "mass_accuracy", "mean"),
+    ("ROAD MoRF accuracy % (lower)", "road_morf", "percent"),
+    ("ROAD LeRF accuracy % (higher)", "road_lerf", "percent"),
+    ("MPRT Spearman (lower: passes the sanity check)", "mprt_spearman", "mean"),
+    ("MPRT SSIM (lower: passes the sanity check)", "mprt_ssim", "mean"),
 )
 
 #: Image counts of the pointing game under the table: (row label, key of the summary table).
@@ -71,6 +90,14 @@ class MetricRow:
     pointing: str = ""  # pointing-game status (records.POINTING_STATUSES); "" not evaluated
     deletion: float = math.nan
     insertion: float = math.nan
+    sparseness: float = math.nan  # the field metrics: NaN unless asked for (--metrics)
+    complexity: float = math.nan
+    rank_accuracy: float = math.nan
+    mass_accuracy: float = math.nan
+    road_morf: float = math.nan
+    road_lerf: float = math.nan
+    mprt_spearman: float = math.nan
+    mprt_ssim: float = math.nan
     seconds: float = math.nan
     error: str | None = None
 
@@ -90,6 +117,7 @@ def evaluate_records(
     causal_step: int = 224,
     seed: int = 0,
     pg_class: str = "target",
+    metrics: Sequence[str] = (),
     progress: Callable[[int], None] | None = None,
 ) -> list[MetricRow]:
     """Explain and evaluate ``records`` with each method; per-image failures become rows with
@@ -98,12 +126,15 @@ def evaluate_records(
     ``batch_images``: images per compute batch (default: 8 on CPU, 64 on GPU); ``threads``:
     image decoder threads working ahead of the compute (default: 1 on CPU, up to 8 on GPU;
     0 decodes inline). Neither changes the results. ``precision``: autocast of every forward
-    and backward (:mod:`shapcam.precision`; ``fp32`` is exact)."""
+    and backward (:mod:`shapcam.precision`; ``fp32`` is exact). ``metrics``: field metrics
+    (:data:`~shapcam.field_metrics.FIELD_METRICS`) next to the paper's."""
     if target not in ("predicted", "label"):
         raise ShapCAMError(f"target must be 'predicted' or 'label', got {target!r}")
     check_pg_class(pg_class)
     options = method_options or {}
     cams: dict[str, CAMMethod] = {m: build_method(m, lm, options.get(m)) for m in methods}
+    randomised = ({m: randomised_methods(lm, m, options.get(m)) for m in methods}
+                  if "mprt" in metrics else {})
     rows: list[MetricRow] = []
     device = lm.device
     batches = decoded_batches(records, image_batch(str(device), batch_images),
@@ -121,7 +152,8 @@ def evaluate_records(
             for name, cam in cams.items():
                 with autocast(device, precision):
                     rows += _evaluate_batch(cam, name, lm, ok, x, targets, protocol,
-                                            causal_step if causal else None, seed, pg_class)
+                                            causal_step if causal else None, seed, pg_class,
+                                            metrics, randomised.get(name, []))
         if progress is not None:
             progress(len(batch))
     return rows
@@ -129,21 +161,44 @@ def evaluate_records(
 
 def _evaluate_batch(cam: CAMMethod, name: str, lm: LoadedModel, ok, x: torch.Tensor,
                     targets: torch.Tensor | None, protocol: str, causal_step: int | None,
-                    seed: int, pg_class: str) -> list[MetricRow]:
+                    seed: int, pg_class: str, metrics: Sequence[str] = (),
+                    randomised: Sequence[CAMMethod] = ()) -> list[MetricRow]:
     t0 = time.perf_counter()
-    kwargs = {"seeds": [image_seed(seed, r.image_id) for r, _, _ in ok]} if name == "shapcam" \
-        else {}
+    kwargs = method_call_options(name, seed, [r.image_id for r, _, _ in ok])
     try:
         result = cam(x, targets, **kwargs)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - t0) / x.shape[0]
+        random_maps = randomised_maps(randomised, x, result.targets, kwargs)
     except (ShapCAMError, RuntimeError) as exc:  # e.g. out of memory: record, go on
         return [MetricRow(r.image_id, name, protocol, label=r.label, error=f"{name}: {exc}")
                 for r, _, _ in ok]
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - t0) / x.shape[0]
     return score_maps(lm.model, x, stored_precision(result.maps), result.targets,
                       [(r, b) for r, _, b in ok], name, protocol, causal_step, seconds,
-                      seed=seed, pg_class=pg_class)
+                      seed=seed, pg_class=pg_class, metrics=metrics, randomised=random_maps)
+
+
+def method_call_options(name: str, seed: int, image_ids: Sequence[str]) -> dict[str, Any]:
+    """Per-call options of a method on a batch: Shap-CAM's seeds per image."""
+    return {"seeds": [image_seed(seed, i) for i in image_ids]} if name == "shapcam" else {}
+
+
+def randomised_methods(lm: LoadedModel, name: str, options: dict[str, Any] | None,
+                       depths: Sequence[float] = MPRT_DEPTHS) -> list[CAMMethod]:
+    """Method ``name`` built on copies of the model randomised down to each MPRT checkpoint
+    (:func:`~shapcam.field_metrics.randomised_copy`)."""
+    n = len(randomisable_layers(lm.model))
+    return [build_method(name, dataclasses.replace(lm, model=randomised_copy(lm.model, d)),
+                         options) for d in mprt_depths(n, depths)]
+
+
+def randomised_maps(cams: Sequence[CAMMethod], x: torch.Tensor, targets: torch.Tensor,
+                    kwargs: dict[str, Any]) -> list[torch.Tensor] | None:
+    """The maps of the randomised models for the same images and classes (None: no MPRT)."""
+    if not cams:
+        return None
+    return [stored_precision(c(x, targets, **kwargs).maps) for c in cams]
 
 
 def score_maps(model: torch.nn.Module, x: torch.Tensor, maps: torch.Tensor,
@@ -151,22 +206,27 @@ def score_maps(model: torch.nn.Module, x: torch.Tensor, maps: torch.Tensor,
                examples: Sequence[tuple[ImageRecord, dict[int, torch.Tensor]]],
                method: str, protocol: str, causal_step: int | None,
                seconds: float, *, seed: int = 0, pg_class: str = "target",
-               batch_size: int | None = None) -> list[MetricRow]:
+               batch_size: int | None = None, metrics: Sequence[str] = (),
+               randomised: Sequence[torch.Tensor] | None = None) -> list[MetricRow]:
     """Every metric of one batch of maps; ``examples`` pairs each record with its boxes per
     class in the input frame (as :func:`~shapcam.data.load_example` returns them).
     ``causal_step``: pixels per deletion/insertion step (None: no causal metrics); ``seed``:
     the run seed (deletion/insertion ties, per image); ``pg_class``: whose box the pointing
     game uses, the explained class (``"target"``) or the ground truth (``"label"``);
-    ``batch_size``: images per forward of the metrics (default: per device)."""
+    ``batch_size``: images per forward of the metrics (default: per device); ``metrics``: the
+    field metrics to add (:func:`~shapcam.field_metrics.field_scores`), ``randomised``: for
+    MPRT, the maps of the randomised models (:func:`randomised_maps`)."""
     check_pg_class(pg_class)
     conf = confidence_metrics(model, x, maps, targets, protocol, batch_size)
     classes = [int(t) if pg_class == "target" else rec.label
                for (rec, _), t in zip(examples, targets.tolist(), strict=True)]
     boxes = [b.get(c, torch.zeros(0, 4)) for (_, b), c in zip(examples, classes, strict=True)]
     energy = energy_pointing_game(maps, boxes)
+    seeds = [image_seed(seed, rec.image_id) for rec, _ in examples]
     di = (deletion_insertion(model, x, maps, targets, step=causal_step, batch_size=batch_size,
-                             seeds=[image_seed(seed, rec.image_id) for rec, _ in examples])
-          if causal_step is not None else None)
+                             seeds=seeds) if causal_step is not None else None)
+    field = field_scores(maps, boxes, metrics, model=model, x=x, targets=targets, seeds=seeds,
+                         randomised=randomised, batch_size=batch_size) if metrics else {}
     rows = []
     for i, (rec, _) in enumerate(examples):
         t = int(targets[i])
@@ -177,14 +237,17 @@ def score_maps(model: torch.nn.Module, x: torch.Tensor, maps: torch.Tensor,
             increase=float(conf["increase"][i]),
             proportion=float(energy[i]) if status == "scored" else math.nan, pointing=status,
             deletion=float(di["deletion"][i]) if di else math.nan,
-            insertion=float(di["insertion"][i]) if di else math.nan, seconds=seconds))
+            insertion=float(di["insertion"][i]) if di else math.nan, seconds=seconds,
+            **{k: float(v[i]) for k, v in field.items()}))
     return rows
 
 
 def summary_table(rows: Sequence[MetricRow], methods: Sequence[str]) -> dict[str, Any]:
     """The paper's table shape: one row per metric, one column per method (plus counts)."""
     table: dict[str, Any] = {"columns": [METHOD_TITLES.get(m, m) for m in methods], "rows": []}
-    for label, key, how in TABLE_ROWS:
+    computed = {k for _, k, _ in FIELD_ROWS
+                if any(r.method in methods and not math.isnan(getattr(r, k)) for r in rows)}
+    for label, key, how in TABLE_ROWS + tuple(f for f in FIELD_ROWS if f[1] in computed):
         values = []
         for m in methods:
             vals = [getattr(r, key) for r in rows if r.method == m and r.error is None]

@@ -2,7 +2,8 @@
 
 Weights are given as a *spec* string:
 
-- ``"random"`` (or ``None``): random initialisation (tests, timing);
+- ``"random"`` (or ``None``): random initialisation (tests, timing), drawn from the fixed seed
+  :data:`RANDOM_WEIGHTS_SEED`, so every worker of a run builds the same model;
 - a torchvision weight enum name: ``"DEFAULT"``, ``"IMAGENET1K_V1"`` or the full
   ``"MobileNet_V2_Weights.IMAGENET1K_V1"``; loaded through torchvision's own mechanism, i.e.
   from ``$TORCH_HOME/hub/checkpoints`` when present, downloaded otherwise;
@@ -33,6 +34,8 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 #: The paper resizes every image to 224 x 224 (no crop), so boxes scale with the image.
 INPUT_SIZE: int = 224
 
+#: Seed of ``"random"`` weights (the caller's RNG state is left as it was).
+RANDOM_WEIGHTS_SEED: int = 0
 #: Target layers of the paper and of Score-CAM; other models use :func:`auto_target_layer`.
 DEFAULT_TARGET_LAYERS: dict[str, str] = {
     "vgg16": "features.29",  # last ReLU of conv5_3: 512 x 14 x 14
@@ -235,9 +238,11 @@ def load_model(
     spec = "random" if weights is None else str(weights)
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if timm_models.is_timm(name):
-        model, spec = timm_models.create(name, spec, num_classes)
+        with random_weights():
+            model, spec = timm_models.create(name, spec, num_classes)
     elif spec == "random":
-        model = torchvision.models.get_model(name, weights=None, **kwargs)
+        with random_weights():
+            model = torchvision.models.get_model(name, weights=None, **kwargs)
     elif _is_path(spec):
         path = Path(spec)
         if not path.is_file():
@@ -266,6 +271,15 @@ def load_model(
     get_module(model, layer)  # validates the name
     return LoadedModel(model=model, name=name, weights=spec, target_layer=layer,
                        categories=list(categories))
+
+
+@contextlib.contextmanager
+def random_weights():
+    """Initialise inside the block from :data:`RANDOM_WEIGHTS_SEED`, then restore the global
+    RNG (CPU) state, so ``"random"`` means the same weights in every process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        yield
 
 
 def _num_outputs(model: nn.Module) -> int:

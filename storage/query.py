@@ -245,6 +245,8 @@ class Run:
                 hive = ", hive_partitioning=true" if name in ("metrics", "training") else ""
                 con.execute(f"create table {name} as select * from read_parquet('{path}'"
                             f"{hive}, union_by_name=true)")
+                if name == "metrics":
+                    _add_missing_columns(con, name)
                 out.append((name, None))
             else:
                 out.append((name, self._arrow_table(name)))
@@ -262,6 +264,19 @@ class Run:
         paths = loc.glob("summary-*.parquet") if name == "summary" else [
             loc.path("manifest.parquet")]
         return pa.concat_tables([pq.read_table(p, filesystem=loc.fs) for p in paths])
+
+
+_DUCKDB_TYPES = {"double": "DOUBLE", "string": "VARCHAR", "int32": "INTEGER", "int64": "BIGINT"}
+
+
+def _add_missing_columns(con, table: str) -> None:
+    """Columns of the metrics schema that the run's files predate (e.g. the field metrics in a
+    store written before them) as NULL columns, so one query works on old and new runs."""
+    have = {row[0] for row in con.execute(f"describe {table}").fetchall()}
+    for field in METRICS_SCHEMA:
+        if field.name not in have:
+            con.execute(f"alter table {table} add column {field.name} "
+                        f"{_DUCKDB_TYPES[str(field.type)]}")
 
 
 #: The tables a query sees (those the run has).

@@ -40,6 +40,15 @@ METRICS_SCHEMA = pa.schema([
     ("pointing", pa.string()),  # pointing-game status: scored, no box, filtered, unannotated
     ("deletion", pa.float64()),
     ("insertion", pa.float64()),
+    # field metrics (shapcam.field_metrics): NULL unless the run asked for them
+    ("sparseness", pa.float64()),
+    ("complexity", pa.float64()),
+    ("rank_accuracy", pa.float64()),
+    ("mass_accuracy", pa.float64()),
+    ("road_morf", pa.float64()),
+    ("road_lerf", pa.float64()),
+    ("mprt_spearman", pa.float64()),
+    ("mprt_ssim", pa.float64()),
     ("seconds", pa.float64()),
     ("evaluations", pa.int64()),
     ("error", pa.string()),

@@ -19,6 +19,7 @@ from typing import Any
 from shapcam.data import DATASETS
 from shapcam.errors import ShapCAMError
 from shapcam.evaluate import PG_CLASSES
+from shapcam.field_metrics import check_metrics
 from shapcam.methods import METHODS, check_options, method_class
 from shapcam.metrics import VARIANTS
 from shapcam.precision import check_precision
@@ -155,6 +156,8 @@ class RunConfig:
     protocol: str = "scorecam"
     causal: bool = True
     causal_step: int = 224
+    #: Field metrics (shapcam.field_metrics.FIELD_METRICS) next to the paper's.
+    metrics: tuple[str, ...] = ()
     pg_class: str = "target"  # whose box the pointing game uses: "target" (paper) or "label"
     device: str = "cpu"
     threads: int | None = None  # torch threads per task; None: leave the process's setting
@@ -171,12 +174,15 @@ class RunConfig:
     #: The options that decide the maps (and the pointing game's class, which decides stored
     #: per-image metrics): a resumed run must match them.
     MAP_KEYS = ("dataset", "split", "n_images", "seed", "shard_size", "models", "methods",
-                "method_options", "pg_class", "precision")
+                "method_options", "pg_class", "precision", "metrics")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(
             m if isinstance(m, ModelSpec) else ModelSpec(**m) for m in self.models))
         object.__setattr__(self, "methods", tuple(self.methods))
+        object.__setattr__(self, "metrics", check_metrics(
+            [m.strip() for m in self.metrics.split(",") if m.strip()]
+            if isinstance(self.metrics, str) else list(self.metrics)))
         if self.dataset not in DATASETS:
             raise ShapCAMError(f"unknown dataset {self.dataset!r}; use one of "
                                f"{', '.join(DATASETS)}")
@@ -233,6 +239,7 @@ class RunConfig:
         d = dataclasses.asdict(self)
         d["models"] = [dataclasses.asdict(m) for m in self.models]
         d["methods"] = list(self.methods)
+        d["metrics"] = list(self.metrics)
         return d
 
     @classmethod

@@ -30,11 +30,14 @@ from shapcam.errors import ShapCAMError
 from shapcam.evaluate import (
     POINTING_COUNTS,
     MetricRow,
-    image_seed,
+    method_call_options,
+    randomised_maps,
+    randomised_methods,
     score_maps,
     stored_precision,
     summary_table,
 )
+from shapcam.field_metrics import FIELD_METRICS
 from shapcam.methods import METHOD_TITLES, CAMMethod, build_method
 from shapcam.models import INPUT_SIZE, LoadedModel, load_model
 from shapcam.precision import autocast, channels_last, measured_gpu_batch, to_channels_last
@@ -52,7 +55,8 @@ from storage.tables import metrics_exist
 from .config import ModelSpec, RunConfig
 
 _METRIC_COLUMNS = ("image_id", "target", "label", "protocol", "y", "o", "avg_drop", "increase",
-                   "proportion", "pointing", "deletion", "insertion", "seconds")
+                   "proportion", "pointing", "deletion", "insertion", "seconds",
+                   *(c for cols in FIELD_METRICS.values() for c in cols))
 #: Task logs: Prefect forwards this logger to the API (``PREFECT_LOGGING_EXTRA_LOGGERS``), so
 #: the lines appear on the flow-run page, also from Dask worker processes.
 log = logging.getLogger("tasks")
@@ -253,6 +257,8 @@ def process_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int,
     # built (fx-traced) before the decoder threads start: nothing traces while they run
     cams = ({m: cached_method(lm, m, method_options_for(config, m, forward)) for m in methods}
             if make_maps else {})
+    randomised = ({m: randomised_methods(lm, m, method_options_for(config, m, forward))
+                   for m in methods} if score and "mprt" in config.metrics else {})
     seconds = dict.fromkeys(methods, 0.0)
     rows: dict[str, list[MetricRow]] = {m: [] for m in methods}
     evaluations, explained = 0, 0
@@ -275,10 +281,9 @@ def process_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int,
                 images["boxes"][d.index, : len(b)] = b
         explained += len(good)
         for m in methods:
+            kwargs = method_call_options(m, config.seed, [d.record.image_id for d in good])
             if make_maps:
                 cam = cams[m]
-                kwargs = ({"seeds": [image_seed(config.seed, d.record.image_id) for d in good]}
-                          if m == "shapcam" else {})
                 t = time.perf_counter()
                 with autocast(lm.device, config.precision):
                     result = cam(x, None, **kwargs)
@@ -300,10 +305,12 @@ def process_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int,
                 targets = torch.from_numpy(stored_targets[idx].astype(np.int64)).to(lm.device)
             if score:
                 with autocast(lm.device, config.precision):
+                    random_maps = randomised_maps(randomised.get(m, []), x, targets, kwargs)
                     rows[m] += score_maps(lm.model, x, maps, targets, examples, m,
                                           config.protocol, config.causal_pixels, math.nan,
                                           seed=config.seed, pg_class=config.pg_class,
-                                          batch_size=forward)
+                                          batch_size=forward, metrics=config.metrics,
+                                          randomised=random_maps)
     per_image = ({m: t / explained for m, t in seconds.items()} if make_maps and explained
                  else shard_record.get("seconds", {}))
     if make_maps:

@@ -140,3 +140,18 @@ def test_split_over_a_skip_connection_is_refused():
     model = SkipOverCut().eval()
     with pytest.warns(UserWarning), pytest.raises(ShapCAMError, match="cannot be split"):
         split_model(model, "conv", check_input=torch.randn(1, 3, 16, 16))
+
+
+def test_random_weights_are_the_same_in_every_process():
+    """A run's workers each load "random" weights: they must build one model, and loading
+    leaves the caller's random stream alone."""
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a = load_model("resnet18", "random").model
+    after = torch.rand(3)
+    torch.manual_seed(999)
+    b = load_model("resnet18", "random").model
+    assert torch.equal(before, after)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(),
+                                                 b.state_dict().values(), strict=True))

@@ -90,6 +90,10 @@ PgClass = Annotated[str, typer.Option(
 Causal = Annotated[bool, typer.Option(
     help="Deletion/insertion AUC too (2 x 225 forwards per image and method with the paper "
          "preset).")]
+Metrics = Annotated[str, typer.Option(
+    help="Field metrics next to the paper's, comma-separated: sparseness, complexity, "
+         "localisation (relevance rank/mass accuracy), road (2 x 9 imputations and forwards per "
+         "image and method), mprt (3 more explanations per image and method), or all.")]
 Preset = Annotated[str, typer.Option(
     help="paper (the paper's settings) or quick (about 7x cheaper; the README's first run). "
          "--set overrides single options.")]

@@ -20,6 +20,7 @@ from .common import (
     BatchImages,
     Causal,
     DecodeThreads,
+    Metrics,
     PgClass,
     Precision,
     Preset,
@@ -31,9 +32,11 @@ from .common import (
     user_errors,
 )
 
-Model = Annotated[str, typer.Option(help="torchvision classifier name.")]
+Model = Annotated[str, typer.Option(
+    help="torchvision classifier name, or timm:NAME (e.g. timm:convnext_tiny).")]
 Weights = Annotated[str, typer.Option(
-    help="Weight enum name (IMAGENET1K_V1, DEFAULT), a state-dict path, or 'random'.")]
+    help="Weight enum name (IMAGENET1K_V1, DEFAULT; timm: pretrained), a state-dict path, or "
+         "'random'.")]
 Layer = Annotated[str | None, typer.Option(help="Target layer (default per model).")]
 
 
@@ -154,7 +157,7 @@ def evaluate(
         help="Deterministic random sample of N images (the paper: 2000).")] = None,
     seed: Seed = 0, protocol: Protocol = "scorecam",
     target: Annotated[str, typer.Option(help="predicted (paper) or label.")] = "predicted",
-    causal: Causal = True, pg_class: PgClass = "target",
+    causal: Causal = True, metrics: Metrics = "", pg_class: PgClass = "target",
     batch_images: BatchImages = None, decode_threads: DecodeThreads = None,
     precision: Precision = "fp32",
     preset: Preset = "paper", settings: Settings = None, device: AutoDevice = "",
@@ -174,7 +177,8 @@ def evaluate(
         config = RunConfig.build(dataset=dataset, root=root, split=split, methods=methods,
                                  models=(ModelSpec(model, weights, layer),), n_images=n_images,
                                  seed=seed, protocol=protocol, causal=causal, preset=preset,
-                                 pg_class=pg_class, settings=settings, precision=precision)
+                                 pg_class=pg_class, settings=settings, precision=precision,
+                                 metrics=metrics)
         records = draw_records(open_dataset(dataset, config.root, split), n_images, seed)
         lm = load_model(model, weights, target_layer=layer, device=device or default_device())
         with tqdm(total=len(records), desc="evaluate", unit="img") as bar:
@@ -183,6 +187,7 @@ def evaluate(
                                     batch_images=batch_images, threads=decode_threads,
                                     precision=precision, causal=causal,
                                     causal_step=config.causal_step, seed=seed,
+                                    metrics=config.metrics,
                                     pg_class=pg_class, progress=bar.update)
     table = summary_table(rows, config.methods)
     done = min(table["images"].values())

@@ -25,6 +25,7 @@ from .common import (
     DaskAddress,
     DecodeThreads,
     Device,
+    Metrics,
     PgClass,
     Precision,
     Preset,
@@ -48,7 +49,8 @@ RUN_OPTIONS: list[tuple[str, Any, Any]] = [
     ("split", Annotated[str, typer.Option(help="VOC split file (test, val, trainval).")],
      _D.split),
     ("models", Annotated[str, typer.Option(
-        help="Comma-separated models; NAME or NAME:WEIGHTS (e.g. vgg16:/w/vgg16.pth).")],
+        help="Comma-separated models; NAME or NAME:WEIGHTS (e.g. vgg16:/w/vgg16.pth, "
+             "timm:convnext_tiny:pretrained).")],
      f"{DEFAULT_MODEL}:{DEFAULT_WEIGHTS}"),
     ("methods", Annotated[str, typer.Option(help="Comma-separated methods.")],
      ",".join(ALL_METHODS)),
@@ -60,6 +62,7 @@ RUN_OPTIONS: list[tuple[str, Any, Any]] = [
     ("seed", Seed, _D.seed),
     ("protocol", Protocol, _D.protocol),
     ("causal", Causal, _D.causal),
+    ("metrics", Metrics, ""),
     ("pg_class", PgClass, _D.pg_class),
     ("preset", Preset, _D.preset),
     ("settings", Settings, None),
