@@ -96,11 +96,9 @@ def calibrate(lm: LoadedModel, methods: Sequence[str],
     runs at two small values of the method's cost knob. ``x``: a batch of real images."""
     device = x.device
     B = x.shape[0]
+    probe = build_method("gradcam", lm, {})  # its trunk and grid: CNNs and ViTs alike
     with torch.no_grad():
-        from .split import split_model
-
-        trunk, _ = split_model(lm.model, lm.target_layer)
-        features = trunk(x[:1])
+        features = probe.feature_map(probe.trunk(x[:1]))
     channels, players = features.shape[1], features.shape[2] * features.shape[3]
     H, W = x.shape[-2:]
     steps = math.ceil(H * W / causal_step) if causal_step is not None else None

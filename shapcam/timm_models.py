@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from .errors import ShapCAMError
+from .tokens import check_token_model, is_token_model
+from .tokens import default_layer as token_default_layer
 
 PREFIX = "timm:"
 #: Pretrained-weight specs that mean "the tag's pretrained weights".
@@ -39,9 +41,6 @@ FAMILY_LAYERS: dict[str, str] = {
     "RegNet": "s4",
     "MobileNetV3": "blocks",  # the head pools before its 1x1 conv_head (generic path)
 }
-#: Token models: their maps live on a patch grid, which this project does not explain yet.
-TOKEN_FAMILIES = ("VisionTransformer", "SwinTransformer", "Eva", "DeiT",
-                  "VisionTransformerDistilled")
 
 
 def is_timm(name: str) -> bool:
@@ -136,17 +135,21 @@ def create(name: str, spec: str, num_classes: int | None) -> tuple[nn.Module, st
         model = timm.create_model(bare, pretrained=False, **kwargs)
         _load_state_dict_file(model, name, path)
     family = type(model).__name__
-    if family in TOKEN_FAMILIES or hasattr(model, "patch_embed"):
+    if is_token_model(model):
+        check_token_model(model)
+    elif hasattr(model, "patch_embed"):
         raise ShapCAMError(
-            f"timm:{bare} is a vision transformer ({family}); its players would be patch "
-            "tokens, which this version does not explain yet. CNN families work: ResNet, "
-            "ResNeXt, ConvNeXt, EfficientNet, RegNet, MobileNetV3, ...")
+            f"timm:{bare} is a {family}, a transformer whose tokens this version does not "
+            "explain (ViT and DeiT do, through their patch tokens); CNN families work too")
     adapt_normalisation(model, model.pretrained_cfg.get("mean"), model.pretrained_cfg.get("std"))
     return model.eval(), spec
 
 
 def default_layer(model: nn.Module) -> str | None:
-    """The family's target layer (:data:`FAMILY_LAYERS`), or None (then found by a forward)."""
+    """The family's target layer (:data:`FAMILY_LAYERS`; vision transformers: the tokens
+    entering the last block), or None (then found by a forward)."""
+    if is_token_model(model):
+        return token_default_layer(model)
     return FAMILY_LAYERS.get(type(model).__name__)
 
 

@@ -166,14 +166,10 @@ def plan_run(run_dir: str, run_id: str, config: RunConfig) -> dict[str, Any]:
     shards = [[record_to_dict(r) for r in records[k:k + S]] for k in range(0, len(records), S)]
     for spec in config.models:
         lm = cached_model(spec, "cpu")
-        with torch.no_grad():
-            from shapcam.split import split_model
-
-            trunk, _ = split_model(lm.model, lm.target_layer)
-            hw = tuple(trunk(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE)).shape[-2:])
         raw_shapes = {}
         for m in config.methods:
             cam = cached_method(lm, m, config.options_for(m))
+            hw = cam.feature_hw((INPUT_SIZE, INPUT_SIZE))
             raw_shapes[m] = tuple(cam.raw_shape(hw, (INPUT_SIZE, INPUT_SIZE)))
         store.init_table(config.dataset, spec.name, [r.image_id for r in records],
                          [r.label for r in records],

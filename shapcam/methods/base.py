@@ -22,7 +22,8 @@ from torch import nn
 
 from ..errors import ShapCAMError
 from ..models import LoadedModel
-from ..split import split_model
+from ..split import HookTrunk, split_model
+from ..tokens import TokenHead, grid, is_token_model, split_index
 
 
 @dataclass
@@ -95,6 +96,14 @@ class CAMMethod(ABC):
         if target_layer is None:
             raise ShapCAMError("pass target_layer when the model is a plain nn.Module")
         self.target_layer = target_layer
+        #: prefix tokens (class token, registers) of a vision transformer; None for CNNs
+        self.token_prefix: int | None = None
+        if is_token_model(self.model):  # tokens after a block; heads take a key mask
+            k = split_index(self.model, target_layer)
+            self.trunk = HookTrunk(self.model, f"blocks.{k}")  # runs until that block returns
+            self.head = TokenHead(self.model, k)
+            self.token_prefix = self.head.prefix
+            return
         # traced in eval mode: fx bakes Python branches on ``self.training`` into the graph
         with eval_mode(self.model):
             self.trunk, self.head = split_model(self.model, target_layer)
@@ -102,6 +111,18 @@ class CAMMethod(ABC):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def feature_map(self, features: torch.Tensor) -> torch.Tensor:
+        """The target layer's output as a map ``(B, C, h, w)``: itself for CNNs, the patch
+        tokens on their grid for vision transformers (what channel-weighting methods use)."""
+        return features if self.token_prefix is None else grid(features, self.token_prefix)
+
+    @torch.no_grad()
+    def feature_hw(self, input_hw: tuple[int, int]) -> tuple[int, int]:
+        """``(h, w)`` of the map for inputs of ``input_hw`` (one forward of a zero image)."""
+        with eval_mode(self.model):
+            x = torch.zeros(1, 3, *input_hw, device=self.device)
+            return tuple(self.feature_map(self.trunk(x)).shape[-2:])
 
     def num_classes(self, logits: torch.Tensor) -> int:
         return logits.shape[-1]

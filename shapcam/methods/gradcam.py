@@ -55,7 +55,8 @@ class GradCAM(CAMMethod):
 
     def raw_maps(self, x: torch.Tensor, targets: torch.Tensor, *, features: torch.Tensor,
                  logits: torch.Tensor, **_: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-        grads = self.gradients(features, targets)
+        grads = self.feature_map(self.gradients(features, targets))
+        features = self.feature_map(features)  # ViT: tokens and gradients on the patch grid
         w = self.channel_weights(features, grads)
         cam = torch.einsum("bc,bchw->bhw", w, features).clamp_min(0)
         return cam.detach(), {"weights": w.detach()}

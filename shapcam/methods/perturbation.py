@@ -46,6 +46,7 @@ class ScoreCAM(CAMMethod):
     @torch.no_grad()
     def raw_maps(self, x: torch.Tensor, targets: torch.Tensor, *, features: torch.Tensor,
                  logits: torch.Tensor, **_: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        features = self.feature_map(features)  # ViT tokens: channels of the patch grid
         B, C, h, w = features.shape
         H, W = x.shape[-2:]
         flat = features.flatten(2)

@@ -25,6 +25,7 @@ from ..errors import ShapCAMError
 from ..heads import CellLinearEvaluator, CellLinearPlan, analyse_head
 from ..models import LoadedModel
 from ..shapley import ShapleyResult, block_groups, exact_shapley, permutation_shapley
+from ..tokens import TokenGame
 from .base import CAMMethod
 
 #: Default orders per image. On the eight bundled sample photos with MobileNetV2 (n = 49, plain
@@ -265,10 +266,18 @@ class ShapCAM(CAMMethod):
             return features.mean((2, 3), keepdim=True).expand_as(features)
         return torch.zeros_like(features)
 
-    def game(self, features: torch.Tensor, targets: torch.Tensor) -> FeatureMaskGame:
-        """The batch of games for these features and targets (exposed for analysis/tests)."""
-        _, C, h, w = features.shape
+    def game(self, features: torch.Tensor, targets: torch.Tensor
+             ) -> FeatureMaskGame | TokenGame:
+        """The batch of games for these features and targets (exposed for analysis/tests);
+        on a vision transformer, the token game (:mod:`shapcam.tokens`)."""
+        _, C, h, w = self.feature_map(features).shape
         groups = block_groups(h, w, self.block) if self.block else None
+        if self.token_prefix is not None:
+            if self.baseline != "zero":
+                raise ShapCAMError("baseline='mean' has no meaning for tokens: an absent token "
+                                   "is removed from attention; use the default")
+            return TokenGame(self.head, features, targets, value=self.value, groups=groups,
+                             batch_size=self.batch_size)
         amp = self.device.type == "cuda" if self.amp == "auto" else bool(self.amp)
         return FeatureMaskGame(self.head, features, targets, self._baseline(features),
                                value=self.value, groups=groups, plan=self.plan_for((C, h, w)),
@@ -285,7 +294,7 @@ class ShapCAM(CAMMethod):
     def raw_maps(self, x: torch.Tensor, targets: torch.Tensor, *, features: torch.Tensor,
                  logits: torch.Tensor, seeds: int | Sequence[int] | None = None,
                  **_: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-        B, _, h, w = features.shape
+        B, _, h, w = self.feature_map(features).shape
         if seeds is None:
             seeds = self.seed
         seed_list = [int(seeds)] * B if isinstance(seeds, int) else [int(s) for s in seeds]

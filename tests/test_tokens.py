@@ -1,0 +1,126 @@
+"""Shap-CAM on vision transformers: the token game against exact enumeration, key masking
+against removal from the sequence, the other methods through the patch grid."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from shapcam import GradCAM, ShapCAM, build_method, load_model
+from shapcam.errors import ShapCAMError
+from shapcam.models import LoadedModel
+
+timm = pytest.importorskip("timm")
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+
+
+def tiny_vit(pool: str, depth: int = 2) -> LoadedModel:
+    """4 patch tokens (32 x 32 input, 16-pixel patches), 5 classes."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=16, embed_dim=16, depth=depth, num_heads=2,
+                            num_classes=5, global_pool=pool).eval()
+    return LoadedModel(vit, "tiny-vit", "random", f"blocks.{depth - 2}",
+                       [str(i) for i in range(5)])
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_key_mask_equals_removing_the_tokens(pool):
+    cam = ShapCAM(tiny_vit(pool, depth=3), "blocks.0")  # two blocks after the split
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    present = torch.tensor([[True, False, True, False], [False, False, False, True],
+                            [True, True, True, True]])
+    with torch.no_grad():
+        tokens = cam.trunk(x)
+        torch.testing.assert_close(cam.head(tokens), cam.model(x), atol=1e-6, rtol=1e-6)
+        masked = cam.head(tokens, present)
+        for b in range(3):
+            keep = [0] + [1 + i for i in range(4) if present[b, i]]
+            torch.testing.assert_close(masked[b], cam.head(tokens[b:b + 1, keep])[0],
+                                       atol=1e-6, rtol=1e-6)
+        # a zeroed token is not an absent one: it still has a key and a value
+        zeroed = tokens.clone()
+        zeroed[0, 2] = 0
+        assert not torch.allclose(cam.head(zeroed[:1]), masked[:1], atol=1e-4)
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_token_shapcam_equals_exact_shapley_by_enumeration(pool):
+    lm = tiny_vit(pool)
+    cam = ShapCAM(lm, estimator="exact")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    result = cam(x)
+    with torch.no_grad():
+        tokens = cam.trunk(x)
+
+    def v(b: int, coalition: set[int]) -> float:
+        """The model on the sequence class token + coalition (the empty average pools to 0)."""
+        with torch.no_grad():
+            if not coalition and pool == "avg":
+                logits = cam.head(tokens[b:b + 1], torch.zeros(1, 4, dtype=torch.bool))
+            else:
+                logits = cam.head(tokens[b:b + 1, [0] + [1 + i for i in sorted(coalition)]])
+        return float(logits.softmax(1)[0, result.targets[b]])
+
+    for b in range(2):
+        phi = []
+        for p in range(4):
+            others = [q for q in range(4) if q != p]
+            phi.append(sum(math.factorial(k) * math.factorial(3 - k) / math.factorial(4)
+                           * (v(b, set(s) | {p}) - v(b, set(s)))
+                           for k in range(4) for s in itertools.combinations(others, k)))
+        torch.testing.assert_close(result.raw[b].flatten().double(),
+                                   torch.tensor(phi, dtype=torch.float64), atol=1e-6, rtol=0)
+        assert result.extras["v_full"][b] == pytest.approx(v(b, {0, 1, 2, 3}), abs=1e-6)
+        assert result.extras["v_empty"][b] == pytest.approx(v(b, set()), abs=1e-6)
+    assert result.raw.shape == (2, 2, 2) and result.maps.shape == (2, 32, 32)
+
+
+def test_timm_vit_every_method_and_efficiency():
+    lm = load_model("timm:test_vit", "random")
+    assert lm.target_layer == "blocks.4"  # the tokens entering the last of 6 blocks
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    for name, options in [("gradcam", {}), ("gradcampp", {}), ("scorecam", {"max_channels": 4}),
+                          ("rise", {"n_masks": 8}), ("shapcam", {"permutations": 2,
+                                                                 "block": 2})]:
+        cam = build_method(name, lm, options)
+        r = cam(x)
+        assert r.maps.shape == (2, 224, 224) and cam.feature_hw((224, 224)) == (14, 14)
+        assert r.raw.shape == ((2, 14, 14) if name != "rise" else r.raw.shape)
+        assert float(r.maps.max()) == pytest.approx(1.0)
+        if name == "shapcam":  # efficiency: sum(phi) = v(full) - v(empty), 49 tiles of 2 x 2
+            assert r.extras["players"] == 49
+            gap = (r.extras["v_full"] - r.extras["v_empty"]).to(r.raw.dtype)
+            torch.testing.assert_close(r.raw.flatten(1).sum(1), gap, atol=1e-5, rtol=1e-4)
+
+
+def test_gradcam_on_tokens_is_gradcam_on_the_patch_grid():
+    """Grad-CAM's weights are the mean gradient over the patch tokens only (not the class
+    token), the map their weighted sum on the 2 x 2 grid."""
+    lm = tiny_vit("token")
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    cam = GradCAM(lm)
+    r = cam(x)
+    tokens = cam.trunk(x).detach().requires_grad_(True)
+    cam.head(tokens)[0, r.targets[0]].backward()
+    g, a = tokens.grad[0, 1:], tokens[0, 1:].detach()  # (4, D)
+    want = (a @ g.mean(0)).clamp_min(0).view(2, 2)
+    torch.testing.assert_close(r.raw[0], want, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_transformer_input_is_one_clear_line():
+    lm = tiny_vit("token", depth=3)
+    with pytest.raises(ShapCAMError, match=r"blocks.0 .. blocks.1 .*not 'head'"):
+        GradCAM(lm, "head")
+    with pytest.raises(ShapCAMError, match="baseline='mean' has no meaning for tokens"):
+        ShapCAM(lm, baseline="mean")(torch.randn(1, 3, 32, 32))
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=16, embed_dim=16, depth=2, num_heads=2,
+                            num_classes=5, global_pool="map").eval()
+    with pytest.raises(ShapCAMError, match="pools with 'map'; the token game supports token, "
+                                           "avg"):
+        GradCAM(LoadedModel(vit, "v", "random", "blocks.0", []))
+    with pytest.raises(ShapCAMError, match="SwinTransformer, a transformer whose tokens"):
+        load_model("timm:swin_tiny_patch4_window7_224", "random")
