@@ -15,9 +15,12 @@ the shorter sequence ``prefix + S`` (tested), which is the token analogue of the
 the positions in S keep their activations".
 
 Maps live on the patch grid (14 x 14 for a 224 input and 16-pixel patches) and are upsampled
-like the CNN maps. Cost: every coalition is a transformer block (plus norm and head) on the
-whole sequence, ``K * (n - 1) + 2`` of them per image: about ``K * n`` times a block's cost,
-not a table lookup as on CNN heads; ``block=2`` (2 x 2 tiles of tokens) divides ``n`` by four.
+like the CNN maps. Cost: ``K * (n - 1) + 2`` coalitions per image. In general each is the
+remaining blocks (plus norm and head) on the whole sequence, about ``K * n`` times a block's
+cost, not a table lookup as on CNN heads. For class-token models split before their last block
+(the default) :class:`ClassTokenPath` is exact and far cheaper: one masked softmax over the
+keys and the MLP on the class token per coalition. ``block=2`` (2 x 2 tiles of tokens) divides
+``n`` by four either way.
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ def is_token_model(model: nn.Module) -> bool:
 def check_token_model(model: nn.Module) -> None:
     """One clear line for the transformer variants the token game does not cover."""
     name = type(model).__name__
+    base = next(c for c in type(model).__mro__ if c.__name__ == "VisionTransformer")
+    if any(getattr(type(model), f) is not getattr(base, f) for f in ("forward_head", "pool")):
+        raise ShapCAMError(f"{name} has a head of its own (e.g. DeiT's distillation head); "
+                           "the token game covers VisionTransformer's own head")
     if getattr(model, "attn_pool", None) is not None or model.global_pool not in POOLS:
         raise ShapCAMError(f"{name} pools with {model.global_pool!r}; the token game supports "
                            f"{', '.join(POOLS)} pooling")
@@ -103,6 +110,54 @@ class TokenHead(nn.Module):
         return m.head(m.head_drop(m.fc_norm(pooled)))
 
 
+class ClassTokenPath:
+    """Exact fast path of a class-token model split just before its last block: only the
+    class token's output is read, and the keys and values of every token are those of the
+    (coalition-independent) input sequence, so per image they are computed once; a coalition
+    then costs one masked softmax over the keys, a weighted sum of the values and the MLP on a
+    single token, instead of a whole block on the sequence (about ``n`` times less work).
+    """
+
+    def __init__(self, head: TokenHead, tokens: torch.Tensor) -> None:
+        """``tokens``: ``(T, D)`` of one image, the input of the last block."""
+        blk, m = head.model.blocks[-1], head.model
+        attn = blk.attn
+        h = blk.norm1(tokens.unsqueeze(0))
+        T = tokens.shape[0]
+        qkv = attn.qkv(h).reshape(1, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (1, heads, T, hd)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        self.scores = (q[0, :, 0] * attn.scale).unsqueeze(1) @ k[0].transpose(-2, -1)
+        self.scores = self.scores.squeeze(1)  # (heads, T): the class token's query on all keys
+        self.values = v[0]  # (heads, T, hd)
+        self.gate = attn.gate(h[0, :1]).sigmoid() if attn.gate is not None else None
+        self.cls = tokens[:1]  # (1, D)
+        self.blk, self.attn, self.model, self.prefix = blk, attn, m, head.prefix
+
+    def logits(self, present: torch.Tensor) -> torch.Tensor:
+        """Logits for coalitions ``present (M, N)``."""
+        M = present.shape[0]
+        keep = torch.cat([torch.ones(M, self.prefix, dtype=torch.bool, device=present.device),
+                          present.bool()], 1)
+        s = self.scores.unsqueeze(0).masked_fill(~keep.unsqueeze(1), float("-inf"))
+        out = torch.einsum("mht,htd->mhd", s.softmax(-1), self.values).reshape(M, -1)
+        out = self.attn.norm(out)
+        if self.gate is not None:
+            out = out * self.gate
+        y = self.cls + self.blk.ls1(self.attn.proj(out))
+        y = y + self.blk.ls2(self.blk.mlp(self.blk.norm2(y)))
+        m = self.model
+        return m.head(m.head_drop(m.fc_norm(m.norm(y))))
+
+
+def has_class_token_path(head: TokenHead) -> bool:
+    """Class-token pooling, one block after the split, timm's plain ``Block``/``Attention``."""
+    m = head.model
+    blk = m.blocks[-1]
+    return (m.global_pool == "token" and head.start == len(m.blocks) - 1
+            and type(blk).__name__ == "Block" and type(blk.attn).__name__ == "Attention")
+
+
 def grid(tokens: torch.Tensor, prefix: int) -> torch.Tensor:
     """Patch tokens ``(B, P + N, D)`` as a map ``(B, D, h, w)`` (a square grid)."""
     B, T, D = tokens.shape
@@ -118,12 +173,15 @@ class TokenGame:
     FeatureMaskGame`'s generic path): ``game(index, masks)`` -> values."""
 
     plan = None
-    prefix_values = None  # no exact fast path: every coalition runs the remaining blocks
+    prefix_values = None  # the estimator evaluates coalitions through __call__
 
     def __init__(self, head: TokenHead, tokens: torch.Tensor, targets: torch.Tensor, *,
                  value: str = "probability", groups: torch.Tensor | None = None,
-                 batch_size: int = 256) -> None:
+                 batch_size: int = 256, fast: bool = True) -> None:
         self.head, self.tokens, self.targets = head, tokens, targets
+        #: the exact class-token path (:class:`ClassTokenPath`) where the model allows it
+        self.fast = fast and has_class_token_path(head)
+        self._paths: dict[int, ClassTokenPath] = {}
         self.value, self.batch_size = value, batch_size
         self.n_games = tokens.shape[0]
         self.n_positions = tokens.shape[1] - head.prefix
@@ -137,10 +195,24 @@ class TokenGame:
         if self.groups is not None:
             present = present[..., self.groups]
         index = index.to(self.device)
+        if self.fast:
+            out = torch.empty(index.shape[0], dtype=torch.float32, device=self.device)
+            for b in index.unique().tolist():
+                if b not in self._paths:
+                    self._paths[b] = ClassTokenPath(self.head, self.tokens[b])
+                sel = torch.nonzero(index == b).squeeze(1)
+                for s in range(0, sel.numel(), self.batch_size * 16):  # cheap rows: big batches
+                    rows = sel[s:s + self.batch_size * 16]
+                    logits = self._paths[b].logits(present[rows]).float()
+                    out[rows] = self._value(logits, self.targets[b].expand(rows.numel()))
+            return out
         out = []
         for s in range(0, index.shape[0], self.batch_size):
             i = index[s:s + self.batch_size]
             logits = self.head(self.tokens[i], present[s:s + self.batch_size]).float()
-            t = self.targets[i].view(-1, 1)
-            out.append((logits if self.value == "logit" else logits.softmax(-1)).gather(1, t))
-        return torch.cat(out).squeeze(1)
+            out.append(self._value(logits, self.targets[i]))
+        return torch.cat(out)
+
+    def _value(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        scores = logits if self.value == "logit" else logits.softmax(-1)
+        return scores.gather(1, targets.view(-1, 1)).squeeze(1)

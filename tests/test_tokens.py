@@ -122,5 +122,27 @@ def test_bad_transformer_input_is_one_clear_line():
     with pytest.raises(ShapCAMError, match="pools with 'map'; the token game supports token, "
                                            "avg"):
         GradCAM(LoadedModel(vit, "v", "random", "blocks.0", []))
+    with pytest.raises(ShapCAMError, match="has a head of its own"):
+        load_model("timm:deit_tiny_distilled_patch16_224", "random")
     with pytest.raises(ShapCAMError, match="SwinTransformer, a transformer whose tokens"):
         load_model("timm:swin_tiny_patch4_window7_224", "random")
+
+
+def test_class_token_fast_path_equals_the_generic_path():
+    lm = load_model("timm:test_vit", "random")
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    fast, slow = ShapCAM(lm, permutations=2), ShapCAM(lm, permutations=2, fast_path="off")
+    with torch.no_grad():
+        tokens = fast.trunk(x)
+        targets = fast.head(tokens).argmax(1)
+    g_fast, g_slow = fast.game(tokens, targets), slow.game(tokens, targets)
+    assert g_fast.fast and not g_slow.fast
+    masks = torch.rand(30, 196, generator=torch.Generator().manual_seed(6)) < 0.5
+    masks[0], masks[1] = False, True
+    index = torch.arange(30) % 2
+    torch.testing.assert_close(g_fast(index, masks), g_slow(index, masks), atol=1e-6, rtol=1e-5)
+    a, b = fast(x), slow(x)
+    assert a.extras["fast_path"] and not b.extras["fast_path"]
+    torch.testing.assert_close(a.raw, b.raw, atol=1e-6, rtol=1e-4)
+    # average pooling or an earlier split: the generic path (every block on the sequence)
+    assert not ShapCAM(tiny_vit("avg")).game(torch.zeros(1, 5, 16), torch.zeros(1).long()).fast

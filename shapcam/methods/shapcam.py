@@ -277,7 +277,7 @@ class ShapCAM(CAMMethod):
                 raise ShapCAMError("baseline='mean' has no meaning for tokens: an absent token "
                                    "is removed from attention; use the default")
             return TokenGame(self.head, features, targets, value=self.value, groups=groups,
-                             batch_size=self.batch_size)
+                             batch_size=self.batch_size, fast=self.fast_path == "auto")
         amp = self.device.type == "cuda" if self.amp == "auto" else bool(self.amp)
         return FeatureMaskGame(self.head, features, targets, self._baseline(features),
                                value=self.value, groups=groups, plan=self.plan_for((C, h, w)),
@@ -318,7 +318,7 @@ class ShapCAM(CAMMethod):
             "evaluations": res.evaluations,
             "seed": torch.tensor(seed_list),
             "stopped_by": res.stopped_by,
-            "fast_path": game.plan is not None,
+            "fast_path": game.plan is not None or getattr(game, "fast", False),
             "players": game.n_players,
         }
         return raw, extras
