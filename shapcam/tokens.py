@@ -201,8 +201,8 @@ class TokenGame:
                 if b not in self._paths:
                     self._paths[b] = ClassTokenPath(self.head, self.tokens[b])
                 sel = torch.nonzero(index == b).squeeze(1)
-                for s in range(0, sel.numel(), self.batch_size * 16):  # cheap rows: big batches
-                    rows = sel[s:s + self.batch_size * 16]
+                for s in range(0, sel.numel(), self.batch_size):
+                    rows = sel[s:s + self.batch_size]
                     logits = self._paths[b].logits(present[rows]).float()
                     out[rows] = self._value(logits, self.targets[b].expand(rows.numel()))
             return out
