@@ -67,12 +67,12 @@ def main() -> None:
     print("| model | players | K | ours s/img | captum s/img | captum / ours | "
           f"ours projected to K={DEFAULT_PERMUTATIONS} (s/img) |")
     print("|---|---|---|---|---|---|---|")
-    cases = (("timm:vit_small_patch16_224", None, 256), ("timm:vit_small_patch16_224", 2, 256),
-             ("timm:convnext_tiny", None, 1024), ("timm:convnext_tiny", None, 64))
-    for name, block, batch in cases:  # batch: coalitions per head call (1024: the default)
+    cases = (("timm:vit_small_patch16_224", None, None), ("timm:vit_small_patch16_224", 2, None),
+             ("timm:convnext_tiny", None, None), ("timm:convnext_tiny", None, 1024))
+    for name, block, batch in cases:  # batch: coalitions per head call (None: the default)
         lm = load_model(name, "random", device=args.device)
         cam = ShapCAM(lm, block=block, batch_size=batch)
-        label = f"{name}{' block=2' if block else ''} batch {batch}"
+        label = f"{name}{' block=2' if block else ''} batch {batch or 'default'}"
         with torch.no_grad():
             tokens = cam.trunk(x)
             targets = cam.head(tokens).argmax(1)
@@ -86,7 +86,8 @@ def main() -> None:
             print(f"| {label} | {players} | {K} | {t_ours:.3f} | "
                   f"{t_captum:.3f} | {t_captum / t_ours:.2f}x | |")
         if name.startswith("timm:vit"):  # every block on the sequence: the path before
-            slow = ShapCAM(lm, block=block, batch_size=batch, fast_path="off", permutations=1)
+            slow = ShapCAM(lm, block=block, batch_size=batch or 256, fast_path="off",
+                           permutations=1)
             t_slow = timed(lambda a=(slow, tokens, targets): ours(*a)) / args.images
             print(f"| {label}, generic path (fast_path=off) | | 1 | "
                   f"{t_slow:.2f} | | | {t_slow * DEFAULT_PERMUTATIONS:.0f} |")
