@@ -30,6 +30,7 @@ from .methods import METHOD_TITLES, CAMMethod, build_method
 from .metrics import confidence_metrics, deletion_insertion, energy_pointing_game
 from .models import LoadedModel
 from .precision import autocast
+from .targets import TargetSpec
 
 #: Table rows: (row label, column of the per-image rows, how to aggregate).
 TABLE_ROWS: tuple[tuple[str, str, str], ...] = (
@@ -127,9 +128,10 @@ def evaluate_records(
     image decoder threads working ahead of the compute (default: 1 on CPU, up to 8 on GPU;
     0 decodes inline). Neither changes the results. ``precision``: autocast of every forward
     and backward (:mod:`shapcam.precision`; ``fp32`` is exact). ``metrics``: field metrics
-    (:data:`~shapcam.field_metrics.FIELD_METRICS`) next to the paper's."""
-    if target not in ("predicted", "label"):
-        raise ShapCAMError(f"target must be 'predicted' or 'label', got {target!r}")
+    (:data:`~shapcam.field_metrics.FIELD_METRICS`) next to the paper's. ``target``:
+    :mod:`shapcam.targets` (``predicted``, ``label``, ``topk:K``, ``present``); with several
+    classes per image each gets its own rows (their ``target`` column)."""
+    spec = TargetSpec.parse(target)
     check_pg_class(pg_class)
     options = method_options or {}
     cams: dict[str, CAMMethod] = {m: build_method(m, lm, options.get(m)) for m in methods}
@@ -147,16 +149,39 @@ def evaluate_records(
                                    error=d.error) for m in methods]
         if ok:
             x = stack(batch, device)
-            labels = torch.tensor([r.label for r, _, _ in ok], device=device)
-            targets = labels if target == "label" else None
-            for name, cam in cams.items():
-                with autocast(device, precision):
-                    rows += _evaluate_batch(cam, name, lm, ok, x, targets, protocol,
-                                            causal_step if causal else None, seed, pg_class,
-                                            metrics, randomised.get(name, []))
+            groups, failed = target_groups(spec, lm, ok, x, precision)
+            rows += [MetricRow(r.image_id, m, protocol, label=r.label, error=why)
+                     for r, why in failed for m in methods]
+            for sub, x_sub, targets in groups:
+                for name, cam in cams.items():
+                    with autocast(device, precision):
+                        rows += _evaluate_batch(cam, name, lm, sub, x_sub, targets, protocol,
+                                                causal_step if causal else None, seed,
+                                                pg_class, metrics, randomised.get(name, []))
         if progress is not None:
             progress(len(batch))
     return rows
+
+
+def target_groups(spec: TargetSpec, lm: LoadedModel, ok: list, x: torch.Tensor,
+                  precision: str = "fp32") -> tuple[list[tuple[list, torch.Tensor,
+                                                               torch.Tensor | None]], list]:
+    """The batch split by target slot: ``([(examples, x, targets or None), ...], [(record,
+    reason), ...])``. Slot ``j`` holds the images with a ``j``-th class to explain; the
+    predicted class needs no extra forward (targets None: the method picks it)."""
+    if spec.kind == "predicted":
+        return [(ok, x, None)], []
+    with torch.no_grad(), autocast(x.device, precision):
+        logits = lm.model(x).float()
+    classes = spec.classes(logits, [r for r, _, _ in ok])
+    failed = [(ok[i][0], c) for i, c in enumerate(classes) if isinstance(c, str)]
+    lists = [c if isinstance(c, list) else [] for c in classes]
+    groups = []
+    for j in range(max((len(c) for c in lists), default=0)):
+        sel = [i for i, c in enumerate(lists) if len(c) > j]
+        groups.append(([ok[i] for i in sel], x[sel],
+                       torch.tensor([lists[i][j] for i in sel], device=x.device)))
+    return groups, failed
 
 
 def _evaluate_batch(cam: CAMMethod, name: str, lm: LoadedModel, ok, x: torch.Tensor,
@@ -259,8 +284,11 @@ def summary_table(rows: Sequence[MetricRow], methods: Sequence[str]) -> dict[str
             else:
                 values.append(sum(vals) / len(vals))
         table["rows"].append({"metric": label, "values": values})
-    table["images"] = {m: sum(1 for r in rows if r.method == m and r.error is None)
+    table["images"] = {m: len({r.image_id for r in rows if r.method == m and r.error is None})
                        for m in methods}
+    # (image, class) pairs explained: the images times their classes with --target topk/present
+    table["explanations"] = {m: sum(1 for r in rows if r.method == m and r.error is None)
+                             for m in methods}
     table["failed"] = {m: sum(1 for r in rows if r.method == m and r.error) for m in methods}
     table["proportion_images"] = {
         m: sum(1 for r in rows if r.method == m and not math.isnan(r.proportion))

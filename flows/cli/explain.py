@@ -156,7 +156,9 @@ def evaluate(
     n_images: Annotated[int | None, typer.Option(
         help="Deterministic random sample of N images (the paper: 2000).")] = None,
     seed: Seed = 0, protocol: Protocol = "scorecam",
-    target: Annotated[str, typer.Option(help="predicted (paper) or label.")] = "predicted",
+    target: Annotated[str, typer.Option(
+        help="predicted (paper), label, topk:K (the K most probable classes, each explained) "
+             "or present (every annotated class: VOC's multi-label case).")] = "predicted",
     causal: Causal = True, metrics: Metrics = "", pg_class: PgClass = "target",
     batch_images: BatchImages = None, decode_threads: DecodeThreads = None,
     precision: Precision = "fp32",
@@ -191,6 +193,8 @@ def evaluate(
                                     pg_class=pg_class, progress=bar.update)
     table = summary_table(rows, config.methods)
     done = min(table["images"].values())
+    if max(table["explanations"].values()) > done:
+        target = f"{target} ({min(table['explanations'].values())} image-class pairs)"
     caption = (f"{dataset} ({done} images, seed {seed}), {model} ({weights}), protocol "
                f"`{protocol}`, target: {target} class, pointing game on the {pg_class} "
                "class's box")

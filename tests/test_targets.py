@@ -1,0 +1,90 @@
+"""Several classes per image: --target topk:K and present, and their bad inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from flows.cli import app
+from shapcam import GradCAM, load_model
+from shapcam.data import ImageRecord
+from shapcam.errors import ShapCAMError
+from shapcam.evaluate import evaluate_records, stored_precision, summary_table
+from shapcam.images import load_batch
+from shapcam.metrics import confidence_metrics
+from shapcam.photos import bundled_photo
+from shapcam.targets import TargetSpec
+
+pytest.importorskip("timm")
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_model("timm:test_resnet", "random")
+
+
+def _record(name: str, label: int, labels=(), boxes=None) -> ImageRecord:
+    return ImageRecord(f"r_{name}", bundled_photo(name).path, label,
+                       boxes=boxes or {}, labels=tuple(labels), size=(300, 300))
+
+
+def test_parse():
+    assert TargetSpec.parse("topk:3") == TargetSpec("topk", 3)
+    assert TargetSpec.parse("present").multiple and not TargetSpec.parse("topk:1").multiple
+    for bad, message in [("top3", "unknown --target 'top3'; use one of predicted, label, "
+                                  "topk:K, present"),
+                         ("topk:0", "topk needs a count >= 1"), ("topk:x", "topk needs")]:
+        with pytest.raises(ShapCAMError, match=message):
+            TargetSpec.parse(bad)
+
+
+def test_topk_explains_each_class_on_its_own(lm):
+    records = [_record("chelsea", 281), _record("coffee", 967)]
+    rows = evaluate_records(lm, records, ["gradcam"], target="topk:3", causal=False)
+    x, _ = load_batch([r.path for r in records])
+    with torch.no_grad():
+        top = lm.model(x).topk(3, dim=1).indices
+    for b, rec in enumerate(records):
+        mine = [r for r in rows if r.image_id == rec.image_id]
+        assert [r.target for r in mine] == top[b].tolist() and all(r.error is None for r in mine)
+        for j, row in enumerate(mine):  # the same as explaining and scoring that class alone
+            t = top[b, j:j + 1]
+            maps = stored_precision(GradCAM(lm)(x[b:b + 1], t).maps)
+            want = confidence_metrics(lm.model, x[b:b + 1], maps, t)
+            assert row.avg_drop == pytest.approx(float(want["avg_drop"][0]), abs=1e-5)
+            assert row.y == pytest.approx(float(want["y"][0]), abs=1e-6)
+    table = summary_table(rows, ["gradcam"])
+    assert table["images"] == {"gradcam": 2} and table["explanations"] == {"gradcam": 6}
+
+
+def test_present_explains_every_annotated_class_and_reports_the_rest(lm):
+    box = np.array([[10.0, 10, 200, 200]], dtype=np.float32)
+    records = [_record("chelsea", 281, labels=(281, 285), boxes={281: box, 285: box}),
+               _record("coffee", -1)]  # no annotation at all
+    rows = evaluate_records(lm, records, ["gradcam", "gradcampp"], target="present",
+                            causal=False)
+    first = [r for r in rows if r.image_id == "r_chelsea"]
+    assert sorted((r.method, r.target) for r in first) == [
+        ("gradcam", 281), ("gradcam", 285), ("gradcampp", 281), ("gradcampp", 285)]
+    failed = [r for r in rows if r.image_id == "r_coffee"]
+    assert len(failed) == 2 and all("the image has no annotated class" in r.error
+                                    for r in failed)
+    bad = evaluate_records(lm, [_record("chelsea", 5000)], ["gradcam"], target="label",
+                           causal=False)
+    assert "class 5000 is not one of the model's 1000" in bad[0].error
+
+
+def test_cli_evaluate_topk(tmp_path):
+    res = CliRunner().invoke(app, ["evaluate", "--root", str(tmp_path / "data"), "--model",
+                                   "timm:test_resnet", "--weights", "random", "--methods",
+                                   "gradcam", "--n-images", "2", "--no-causal", "--target",
+                                   "topk:2"])
+    assert res.exit_code == 0, res.output
+    assert "target: topk:2 (4 image-class pairs) class" in res.output
+    res = CliRunner().invoke(app, ["evaluate", "--root", str(tmp_path / "data"), "--model",
+                                   "timm:test_resnet", "--weights", "random", "--methods",
+                                   "gradcam", "--target", "top2"])
+    assert res.exit_code != 0 and "unknown --target 'top2'" in res.output
+    assert "Traceback" not in res.output
