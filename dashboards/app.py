@@ -38,9 +38,9 @@ def _runs(runs_dir: str) -> list[data.RunInfo]:
 
 
 @st.cache_data(show_spinner="reading the image table")
-def _image_table(path: str, dataset: str, model: str, protocol: str, _stamp: str
-                 ) -> pd.DataFrame:
-    return data.image_table(Run(path), dataset, model, protocol)
+def _image_table(path: str, dataset: str, model: str, protocol: str, _stamp: str,
+                 slot: int = 0) -> pd.DataFrame:
+    return data.image_table(Run(path), dataset, model, protocol, slot)
 
 
 @st.cache_data(show_spinner="comparing maps chunk by chunk")
@@ -232,7 +232,13 @@ def main() -> None:
     protocol = st.sidebar.selectbox("Protocol", protocols, key="protocol")
     methods = data.methods_of(run)
     summary(run, dataset, model, protocol, info)
-    table = _image_table(info.path, dataset, model, protocol, info.status)
+    slot = 0
+    n_slots = data.class_slots(run, dataset, model)
+    if n_slots > 1:  # --target topk:K / present: one map per image and class
+        slot = st.sidebar.selectbox("Explained class", list(range(n_slots)), key="slot",
+                                    format_func=lambda j: f"class {j + 1} of the image's "
+                                                          f"{n_slots}")
+    table = _image_table(info.path, dataset, model, protocol, info.status, slot)
     tabs = st.tabs(["Images", "Per class", "SQL"])
     with tabs[0]:
         images(run, dataset, model, protocol, table, methods)

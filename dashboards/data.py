@@ -163,10 +163,20 @@ def categories(run: Run, dataset: str, model: str) -> list[str]:
     return list(group.attrs.get("categories", []))
 
 
-def image_table(run: Run, dataset: str, model: str, protocol: str) -> pd.DataFrame:
+def class_slots(run: Run, dataset: str, model: str) -> int:
+    """Classes per image of the table (1 unless the run explained topk:K or present)."""
+    spec, _ = run.store.table(dataset, model)
+    return spec.n_targets
+
+
+def image_table(run: Run, dataset: str, model: str, protocol: str, slot: int = 0
+                ) -> pd.DataFrame:
     """One row per image: id, label, prediction, probability, and ``<metric>:<method>``
-    columns for every metric and method (NaN where not applicable or failed)."""
-    images = run.images(dataset, model)
+    columns for every metric and method (NaN where not applicable or failed). With several
+    classes per image: those of class position ``slot`` (``prediction`` is then the explained
+    class)."""
+    images = run.images(dataset, model, slot)
+    images["slot"] = slot
     images["row"] = np.arange(len(images))  # position in the store's arrays
     names = categories(run, dataset, model)
 
@@ -178,9 +188,12 @@ def image_table(run: Run, dataset: str, model: str, protocol: str) -> pd.DataFra
     try:
         m = run.metrics(filters=[("dataset", "=", dataset), ("model", "=", model),
                                  ("protocol", "=", protocol)],
-                        columns=["image_id", "method", "error", *METRICS])
+                        columns=["image_id", "method", "error", "target", *METRICS])
     except StorageError:
-        m = pd.DataFrame(columns=["image_id", "method", "error", *METRICS])
+        m = pd.DataFrame(columns=["image_id", "method", "error", "target", *METRICS])
+    if "targets" in images and not m.empty:  # the rows of this slot's class (or errors)
+        want = m["image_id"].map(dict(zip(images["image_id"], images["target"], strict=True)))
+        m = m[(m["target"] == want) | m["error"].notna()]
     if not m.empty:
         wide = m.pivot_table(index="image_id", columns="method", values=list(METRICS),
                              aggfunc="first", dropna=False)
@@ -279,11 +292,14 @@ def image_view(run: Run, dataset: str, model: str, image_id: str,
     stderr = None
     for method in methods_of(run):
         try:
+            slot = int(row.get("slot", 0))
             maps[method] = np.asarray(run.maps(dataset, model, method, ids=[image_id],
-                                               images=table).values[0], dtype=np.float32)
+                                               images=table, slot=slot).values[0],
+                                      dtype=np.float32)
             if method == "shapcam":
                 stderr = np.asarray(run.maps(dataset, model, method, ids=[image_id],
-                                             variable="stderr", images=table).values[0])
+                                             variable="stderr", images=table,
+                                             slot=slot).values[0])
         except IncompleteShardError as exc:
             raise StorageError(f"{image_id}: {exc}") from exc
     H, W = next(iter(maps.values())).shape if maps else (224, 224)

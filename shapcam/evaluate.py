@@ -149,10 +149,11 @@ def evaluate_records(
                                    error=d.error) for m in methods]
         if ok:
             x = stack(batch, device)
-            groups, failed = target_groups(spec, lm, ok, x, precision)
-            rows += [MetricRow(r.image_id, m, protocol, label=r.label, error=why)
-                     for r, why in failed for m in methods]
-            for sub, x_sub, targets in groups:
+            slots, failed = target_slots(spec, lm, [r for r, _, _ in ok], x, precision)
+            rows += [MetricRow(ok[i][0].image_id, m, protocol, label=ok[i][0].label, error=why)
+                     for i, why in failed for m in methods]
+            for pos, targets in slots:
+                sub, x_sub = [ok[i] for i in pos], x[pos] if len(pos) < len(ok) else x
                 for name, cam in cams.items():
                     with autocast(device, precision):
                         rows += _evaluate_batch(cam, name, lm, sub, x_sub, targets, protocol,
@@ -163,25 +164,24 @@ def evaluate_records(
     return rows
 
 
-def target_groups(spec: TargetSpec, lm: LoadedModel, ok: list, x: torch.Tensor,
-                  precision: str = "fp32") -> tuple[list[tuple[list, torch.Tensor,
-                                                               torch.Tensor | None]], list]:
-    """The batch split by target slot: ``([(examples, x, targets or None), ...], [(record,
+def target_slots(spec: TargetSpec, lm: LoadedModel, records: Sequence[ImageRecord],
+                 x: torch.Tensor, precision: str = "fp32"
+                 ) -> tuple[list[tuple[list[int], torch.Tensor | None]], list[tuple[int, str]]]:
+    """The batch split by target slot: ``([(positions, targets or None), ...], [(position,
     reason), ...])``. Slot ``j`` holds the images with a ``j``-th class to explain; the
     predicted class needs no extra forward (targets None: the method picks it)."""
     if spec.kind == "predicted":
-        return [(ok, x, None)], []
+        return [(list(range(len(records))), None)], []
     with torch.no_grad(), autocast(x.device, precision):
         logits = lm.model(x).float()
-    classes = spec.classes(logits, [r for r, _, _ in ok])
-    failed = [(ok[i][0], c) for i, c in enumerate(classes) if isinstance(c, str)]
+    classes = spec.classes(logits, records)
+    failed = [(i, c) for i, c in enumerate(classes) if isinstance(c, str)]
     lists = [c if isinstance(c, list) else [] for c in classes]
-    groups = []
+    slots = []
     for j in range(max((len(c) for c in lists), default=0)):
-        sel = [i for i, c in enumerate(lists) if len(c) > j]
-        groups.append(([ok[i] for i in sel], x[sel],
-                       torch.tensor([lists[i][j] for i in sel], device=x.device)))
-    return groups, failed
+        pos = [i for i, c in enumerate(lists) if len(c) > j]
+        slots.append((pos, torch.tensor([lists[i][j] for i in pos], device=x.device)))
+    return slots, failed
 
 
 def _evaluate_batch(cam: CAMMethod, name: str, lm: LoadedModel, ok, x: torch.Tensor,

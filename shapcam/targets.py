@@ -50,6 +50,15 @@ class TargetSpec:
     def __str__(self) -> str:
         return f"topk:{self.k}" if self.kind == "topk" else self.kind
 
+    def slots(self, records: Sequence[ImageRecord]) -> int:
+        """Classes per image at most (the store's class axis): K for topk, the most annotated
+        classes of one record for present, else 1."""
+        if self.kind == "topk":
+            return self.k
+        if self.kind == "present":
+            return max((len(annotated(r)) for r in records), default=1) or 1
+        return 1
+
     def classes(self, logits: torch.Tensor, records: Sequence[ImageRecord]
                 ) -> list[list[int] | str]:
         """Per image, its classes to explain, or the one-line reason it has none."""
@@ -62,9 +71,7 @@ class TargetSpec:
             if self.kind in ("predicted", "topk"):
                 out.append(ranked[: self.k])
                 continue
-            classes = ([rec.label] if self.kind == "label" else
-                       sorted(set(rec.labels) | {c for c, b in rec.boxes.items() if len(b)}
-                              | ({rec.label} if rec.label >= 0 else set())))
+            classes = [rec.label] if self.kind == "label" else annotated(rec)
             bad = [c for c in classes if not 0 <= c < n_classes]
             if not classes or bad:
                 out.append(f"{rec.image_id}: --target {self}: "
@@ -73,3 +80,9 @@ class TargetSpec:
             else:
                 out.append(classes)
         return out
+
+
+def annotated(record: ImageRecord) -> list[int]:
+    """Every class of a record's annotation: its labels, the classes of its boxes, its label."""
+    return sorted(set(record.labels) | {c for c, b in record.boxes.items() if len(b)}
+                  | ({record.label} if record.label >= 0 else set()))

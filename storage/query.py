@@ -48,12 +48,27 @@ class Run:
     def tables(self) -> list[tuple[str, str]]:
         return self.store.tables()
 
-    def images(self, dataset: str, model: str) -> pd.DataFrame:
-        """The image table (id, label, target, probability, size) with a ``complete`` flag."""
+    def images(self, dataset: str, model: str, slot: int = 0) -> pd.DataFrame:
+        """The image table (id, label, target, probability, size) with a ``complete`` flag.
+
+        With a class axis (runs with ``--target topk:K`` or ``present``) ``target`` and
+        ``probability`` are those of class position ``slot`` (-1 / NaN where an image has
+        fewer classes), and ``targets`` lists every class of the image.
+        """
         spec, g = self.store.table(dataset, model)
         img = g["images"]
-        df = pd.DataFrame({k: img[k][:] for k in ("image_id", "label", "target", "probability",
-                                                   "width", "height")})
+        df = pd.DataFrame({k: img[k][:] for k in ("image_id", "label", "width", "height")})
+        target, prob = img["target"][:], img["probability"][:]
+        if target.ndim == 2:
+            if not 0 <= slot < target.shape[1]:
+                raise StorageError(f"slot {slot} does not exist: {dataset}/{model} has "
+                                   f"classes 0..{target.shape[1] - 1} per image")
+            df["targets"] = [[int(c) for c in row if c >= 0] for row in target]
+            target, prob = target[:, slot], prob[:, slot]
+        elif slot != 0:
+            raise StorageError(f"{dataset}/{model} has one class per image; slot must be 0")
+        df.insert(2, "target", target)
+        df.insert(3, "probability", prob)
         status = self.store.shard_status(dataset, model)
         df["shard"] = np.arange(spec.n_images) // spec.shard_size
         df["complete"] = df["shard"].map(status)
@@ -61,13 +76,16 @@ class Run:
 
     def maps(self, dataset: str, model: str, method: str, *, ids: Sequence[str] | None = None,
              labels: Sequence[int] | None = None, variable: str = "maps",
-             allow_incomplete: bool = False, images: pd.DataFrame | None = None):
+             allow_incomplete: bool = False, images: pd.DataFrame | None = None,
+             slot: int | None = None):
         """Lazy ``xarray.DataArray`` (image, y, x) with image ids as coordinate.
 
         Selecting by ``ids`` or ``labels`` keeps the dask graph to the chunks of those images
         only. Images of incomplete shards raise :class:`IncompleteShardError` unless
         ``allow_incomplete`` (they would read as NaN fill values). ``images``: this table's
-        :meth:`images` already read (several maps of one page read it once).
+        :meth:`images` already read (several maps of one page read it once). With a class
+        axis the array is (image, class, y, x) with a ``target`` coordinate (image, class),
+        the explained class of each map (-1: none); ``slot`` selects one class position.
         """
         import xarray as xr
 
@@ -82,6 +100,16 @@ class Run:
                                f"(it has {', '.join(ds.data_vars)})")
         da = ds[variable].assign_coords(image=images["image_id"].to_numpy(),
                                         label=("image", images["label"].to_numpy()))
+        if "class" in da.dims:
+            _, g = self.store.table(dataset, model)
+            da = da.assign_coords(target=(("image", "class"), g["images"]["target"][:]))
+            if slot is not None:
+                if not 0 <= slot < da.sizes["class"]:
+                    raise StorageError(f"slot {slot} does not exist: {dataset}/{model} has "
+                                       f"classes 0..{da.sizes['class'] - 1} per image")
+                da = da.isel({"class": slot})
+        elif slot not in (None, 0):
+            raise StorageError(f"{dataset}/{model} has one class per image; slot must be 0")
         keep = np.ones(len(images), dtype=bool)
         if ids is not None:
             wanted = set(ids)

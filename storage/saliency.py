@@ -6,6 +6,11 @@ Layout (``docs/storage.md`` has the diagram)::
         <dataset>/<model>/               group; attrs: n_images, shard_size, methods, ...
             images/  image_id label target probability width height boxes
             <method>/  maps (N, H, W) float16   raw (N, h, w) float32   [stderr (N, h, w)]
+
+With several classes per image (``--target topk:K`` or ``present``: ``n_targets = T > 1``)
+``target`` and ``probability`` are ``(N, T)`` and every map array gains a ``class`` axis after
+the image axis, ``maps (N, T, H, W)``: slot ``j`` is the image's ``j``-th class (``target``
+``-1`` and NaN maps where an image has fewer).
     <run>/shards/<dataset>/<model>/shard-00003.json     completion record of one shard
 
 Every per-image array is chunked ``shard_size`` images along its first axis, so one shard owns
@@ -54,6 +59,12 @@ class TableSpec:
     map_shape: tuple[int, int]
     raw_shapes: dict[str, tuple[int, int]]  # method -> layer resolution of its raw map
     stderr_methods: tuple[str, ...] = ("shapcam",)
+    n_targets: int = 1  # classes per image (the class axis exists when > 1)
+
+    @property
+    def per_image(self) -> tuple[int, ...]:
+        """The axes every per-image, per-class array has after the image axis."""
+        return (self.n_targets,) if self.n_targets > 1 else ()
 
     @property
     def n_shards(self) -> int:
@@ -122,9 +133,13 @@ class SaliencyStore:
                                       fill_value=-1, compressors=_compressors(),
                                       dimension_names=("image",))
             lab[:] = np.asarray(labels, dtype=np.int32)
-            for name, dtype, fill in (("target", "int32", -1), ("probability", "float32", np.nan),
-                                      ("width", "int32", -1), ("height", "int32", -1)):
-                images.create_array(name, shape=(N,), chunks=(S,), dtype=dtype, fill_value=fill,
+            T, cls = spec.per_image, ("class",) if spec.per_image else ()
+            for name, dtype, fill in (("target", "int32", -1), ("probability", "float32", np.nan)):
+                images.create_array(name, shape=(N, *T), chunks=(S, *T), dtype=dtype,
+                                    fill_value=fill, compressors=_compressors(),
+                                    dimension_names=("image", *cls))
+            for name in ("width", "height"):
+                images.create_array(name, shape=(N,), chunks=(S,), dtype="int32", fill_value=-1,
                                     compressors=_compressors(), dimension_names=("image",))
             images.create_array("boxes", shape=(N, MAX_BOXES, 4), chunks=(S, MAX_BOXES, 4),
                                 dtype="float32", fill_value=np.nan, compressors=_compressors(),
@@ -132,16 +147,17 @@ class SaliencyStore:
             H, W = spec.map_shape
             for method, (h, w) in spec.raw_shapes.items():
                 m = g.require_group(method)
-                m.create_array("maps", shape=(N, H, W), chunks=(S, H, W), dtype="float16",
-                               compressors=_compressors(), fill_value=np.nan,
-                               dimension_names=("image", "y", "x"))
-                m.create_array("raw", shape=(N, h, w), chunks=(S, h, w), dtype="float32",
-                               compressors=_compressors(), fill_value=np.nan,
-                               dimension_names=("image", "row", "col"))
+                m.create_array("maps", shape=(N, *T, H, W), chunks=(S, *T, H, W),
+                               dtype="float16", compressors=_compressors(), fill_value=np.nan,
+                               dimension_names=("image", *cls, "y", "x"))
+                m.create_array("raw", shape=(N, *T, h, w), chunks=(S, *T, h, w),
+                               dtype="float32", compressors=_compressors(), fill_value=np.nan,
+                               dimension_names=("image", *cls, "row", "col"))
                 if method in spec.stderr_methods:
-                    m.create_array("stderr", shape=(N, h, w), chunks=(S, h, w),
+                    m.create_array("stderr", shape=(N, *T, h, w), chunks=(S, *T, h, w),
                                    dtype="float32", compressors=_compressors(),
-                                   fill_value=np.nan, dimension_names=("image", "row", "col"))
+                                   fill_value=np.nan,
+                                   dimension_names=("image", *cls, "row", "col"))
             g.attrs.update({"spec": _spec_json(spec), "dataset": dataset, "model": model,
                             **dict(attributes or {})})
             with warnings.catch_warnings():
@@ -155,9 +171,10 @@ class SaliencyStore:
                     record: Mapping[str, Any] | None = None) -> Path:
         """Write every array region of ``shard`` then its completion record. Idempotent.
 
-        ``images``: ``target, probability, width, height`` (``(n,)``) and optional ``boxes``
-        (``(n, k, 4)``, NaN padded); ``methods[name]``: ``maps (n, H, W)`` in [0, 1], ``raw``,
-        and ``stderr`` where the table has it.
+        ``images``: ``target, probability`` (``(n,)``, or ``(n, T)`` with several classes),
+        ``width, height`` (``(n,)``) and optional ``boxes`` (``(n, k, 4)``, NaN padded);
+        ``methods[name]``: ``maps (n, H, W)`` (``(n, T, H, W)``) in [0, 1], ``raw``, and
+        ``stderr`` where the table has it.
         """
         spec, g = self.table(dataset, model)
         sl = spec.shard_slice(shard)
@@ -165,7 +182,9 @@ class SaliencyStore:
         with storage_errors(self.zarr_path):
             for name in ("target", "probability", "width", "height"):
                 if name in images:
-                    g["images"][name][sl] = _check(images[name], (n,), f"images.{name}")
+                    arr = g["images"][name]
+                    g["images"][name][sl] = _check(images[name], (n, *arr.shape[1:]),
+                                                   f"images.{name}")
             if "boxes" in images:
                 boxes = np.full((n, MAX_BOXES, 4), np.nan, dtype=np.float32)
                 b = np.asarray(images["boxes"], dtype=np.float32)
@@ -216,7 +235,7 @@ class SaliencyStore:
         spec = g.attrs["spec"]
         return TableSpec(spec["n_images"], spec["shard_size"], tuple(spec["map_shape"]),
                          {k: tuple(v) for k, v in spec["raw_shapes"].items()},
-                         tuple(spec["stderr_methods"])), g
+                         tuple(spec["stderr_methods"]), spec.get("n_targets", 1)), g
 
     @staticmethod
     def _marker(dataset: str, model: str, shard: int) -> tuple[str, ...]:
@@ -256,7 +275,9 @@ def _spec_json(spec: TableSpec) -> dict[str, Any]:
     return {"n_images": spec.n_images, "shard_size": spec.shard_size,
             "map_shape": list(spec.map_shape),
             "raw_shapes": {k: list(v) for k, v in spec.raw_shapes.items()},
-            "stderr_methods": list(spec.stderr_methods)}
+            "stderr_methods": list(spec.stderr_methods),
+            # written only with a class axis, so stores without one keep their exact spec
+            **({"n_targets": spec.n_targets} if spec.n_targets > 1 else {})}
 
 
 def _check(value: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:

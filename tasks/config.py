@@ -24,6 +24,7 @@ from shapcam.methods import METHODS, check_options, method_class
 from shapcam.metrics import VARIANTS
 from shapcam.precision import check_precision
 from shapcam.presets import resolve_preset
+from shapcam.targets import TargetSpec
 from shapcam.timm_models import PREFIX as TIMM_PREFIX
 
 #: The paper's methods in its column order (the default of ``--methods``).
@@ -158,6 +159,8 @@ class RunConfig:
     causal_step: int = 224
     #: Field metrics (shapcam.field_metrics.FIELD_METRICS) next to the paper's.
     metrics: tuple[str, ...] = ()
+    #: Classes explained per image (shapcam.targets): predicted, label, topk:K, present.
+    target: str = "predicted"
     pg_class: str = "target"  # whose box the pointing game uses: "target" (paper) or "label"
     device: str = "cpu"
     threads: int | None = None  # torch threads per task; None: leave the process's setting
@@ -174,7 +177,7 @@ class RunConfig:
     #: The options that decide the maps (and the pointing game's class, which decides stored
     #: per-image metrics): a resumed run must match them.
     MAP_KEYS = ("dataset", "split", "n_images", "seed", "shard_size", "models", "methods",
-                "method_options", "pg_class", "precision", "metrics")
+                "method_options", "pg_class", "precision", "metrics", "target")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(
@@ -201,6 +204,7 @@ class RunConfig:
         if self.batch_images is not None and self.batch_images < 1:
             raise ShapCAMError(f"--batch-images must be >= 1, got {self.batch_images}")
         check_precision(self.precision)
+        TargetSpec.parse(self.target)  # an unknown --target is one line
         if self.forward_batch is not None and self.forward_batch < 1:
             raise ShapCAMError(f"--forward-batch must be >= 1, got {self.forward_batch}")
         if self.decode_threads is not None and self.decode_threads < 0:
@@ -275,6 +279,10 @@ class RunConfig:
         if self.resources is not None:
             return dict(self.resources)
         return device_resources(self.device)
+
+    @property
+    def target_spec(self) -> TargetSpec:
+        return TargetSpec.parse(self.target)
 
     @property
     def causal_pixels(self) -> int | None:

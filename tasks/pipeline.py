@@ -36,6 +36,7 @@ from shapcam.evaluate import (
     score_maps,
     stored_precision,
     summary_table,
+    target_slots,
 )
 from shapcam.field_metrics import FIELD_METRICS
 from shapcam.methods import METHOD_TITLES, CAMMethod, build_method
@@ -173,11 +174,25 @@ def plan_run(run_dir: str, run_id: str, config: RunConfig) -> dict[str, Any]:
             raw_shapes[m] = tuple(cam.raw_shape(hw, (INPUT_SIZE, INPUT_SIZE)))
         store.init_table(config.dataset, spec.name, [r.image_id for r in records],
                          [r.label for r in records],
-                         TableSpec(len(records), S, (INPUT_SIZE, INPUT_SIZE), raw_shapes),
+                         TableSpec(len(records), S, (INPUT_SIZE, INPUT_SIZE), raw_shapes,
+                                   n_targets=config.target_spec.slots(records)),
                          {"weights": lm.weights, "target_layer": lm.target_layer,
                           "method_options": config.method_options,
                           "categories": list(lm.categories)})
     return {"run_dir": run_dir, "shards": shards, "n_images": len(records)}
+
+
+def stored_slots(targets: np.ndarray, device: torch.device
+                 ) -> list[tuple[int, list[int], torch.Tensor]]:
+    """``(slot, positions, classes)`` of images whose maps are stored: ``targets (n,)`` or
+    ``(n, T)``, -1 where an image has no class in a slot."""
+    grid = targets.reshape(targets.shape[0], -1)
+    slots = []
+    for j in range(grid.shape[1]):
+        pos = np.flatnonzero(grid[:, j] >= 0).tolist()
+        if pos:
+            slots.append((j, pos, torch.from_numpy(grid[pos, j].astype(np.int64)).to(device)))
+    return slots
 
 
 def worker_identity() -> str:
@@ -235,18 +250,20 @@ def process_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int,
     methods = config.methods
     shard_record = {} if make_maps else store.shard_record(dataset, name, shard)
     failures: dict[str, str] = dict(shard_record.get("failures", {}))
+    T = spec.per_image  # () or (n_targets,): the class axis
     if make_maps:
         images: dict[str, np.ndarray] = {
-            "target": np.full(n, -1), "probability": np.full(n, np.nan),
+            "target": np.full((n, *T), -1), "probability": np.full((n, *T), np.nan),
             "width": np.full(n, -1), "height": np.full(n, -1),
             "boxes": np.full((n, 16, 4), np.nan)}
         out: dict[str, dict[str, np.ndarray]] = {}
         for m in methods:
             h, w = spec.raw_shapes[m]
-            out[m] = {"maps": np.full((n, INPUT_SIZE, INPUT_SIZE), np.nan, dtype=np.float16),
-                      "raw": np.full((n, h, w), np.nan, dtype=np.float32)}
+            out[m] = {"maps": np.full((n, *T, INPUT_SIZE, INPUT_SIZE), np.nan,
+                                      dtype=np.float16),
+                      "raw": np.full((n, *T, h, w), np.nan, dtype=np.float32)}
             if m in spec.stderr_methods:
-                out[m]["stderr"] = np.full((n, h, w), np.nan, dtype=np.float32)
+                out[m]["stderr"] = np.full((n, *T, h, w), np.nan, dtype=np.float32)
     else:
         stored_targets = g["images"]["target"][spec.shard_slice(shard)]
         stored_maps: dict[str, np.ndarray] = {}
@@ -267,46 +284,56 @@ def process_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int,
         good = [d for d in batch if d.record.image_id not in failures]
         if not good:
             continue
-        idx = [d.index for d in good]
         x = channels_last(stack(good, lm.device), config.channels_last)
-        examples = [(d.record, d.boxes) for d in good]
         if make_maps:
             for d in good:
                 images["width"][d.index], images["height"][d.index] = d.size
                 b = d.record.boxes_of(d.record.label)[:16]
                 images["boxes"][d.index, : len(b)] = b
+            slots, bad = target_slots(config.target_spec, lm, [d.record for d in good], x,
+                                      config.precision)
+            for i, why in bad:  # e.g. --target present on an image without annotation
+                failures.setdefault(good[i].record.image_id, why)
+            slots = [(j, pos, t) for j, (pos, t) in enumerate(slots)]
+        else:  # the classes the stored maps explain
+            slots = stored_slots(stored_targets[[d.index for d in good]], lm.device)
         explained += len(good)
-        for m in methods:
-            kwargs = method_call_options(m, config.seed, [d.record.image_id for d in good])
-            if make_maps:
-                cam = cams[m]
-                t = time.perf_counter()
-                with autocast(lm.device, config.precision):
-                    result = cam(x, None, **kwargs)
-                _synchronize(lm.device)
-                seconds[m] += time.perf_counter() - t
-                arrays = out[m]
-                arrays["maps"][idx] = result.maps.half().cpu().numpy()
-                arrays["raw"][idx] = result.raw.float().cpu().numpy()
-                if "stderr" in arrays:
-                    arrays["stderr"][idx] = result.extras["stderr"].float().cpu().numpy()
-                    evaluations += int(result.extras["evaluations"].sum())
-                images["target"][idx] = result.targets.cpu().numpy()
-                images["probability"][idx] = result.probabilities.float().cpu().numpy()
-                maps, targets = stored_precision(result.maps), result.targets
-            elif score:
-                if m not in stored_maps:  # once per shard and method
-                    stored_maps[m] = store.read_shard(dataset, name, m, shard)
-                maps = torch.from_numpy(stored_maps[m][idx].astype(np.float32)).to(lm.device)
-                targets = torch.from_numpy(stored_targets[idx].astype(np.int64)).to(lm.device)
-            if score:
-                with autocast(lm.device, config.precision):
-                    random_maps = randomised_maps(randomised.get(m, []), x, targets, kwargs)
-                    rows[m] += score_maps(lm.model, x, maps, targets, examples, m,
-                                          config.protocol, config.causal_pixels, math.nan,
-                                          seed=config.seed, pg_class=config.pg_class,
-                                          batch_size=forward, metrics=config.metrics,
-                                          randomised=random_maps)
+        for j, pos, slot_targets in slots:
+            sub = [good[i] for i in pos]
+            at = ([d.index for d in sub], j) if T else ([d.index for d in sub],)
+            x_j = x if len(sub) == len(good) else x[pos]
+            examples = [(d.record, d.boxes) for d in sub]
+            for m in methods:
+                kwargs = method_call_options(m, config.seed, [d.record.image_id for d in sub])
+                if make_maps:
+                    t = time.perf_counter()
+                    with autocast(lm.device, config.precision):
+                        result = cams[m](x_j, slot_targets, **kwargs)
+                    _synchronize(lm.device)
+                    seconds[m] += time.perf_counter() - t
+                    arrays = out[m]
+                    arrays["maps"][at] = result.maps.half().cpu().numpy()
+                    arrays["raw"][at] = result.raw.float().cpu().numpy()
+                    if "stderr" in arrays:
+                        arrays["stderr"][at] = result.extras["stderr"].float().cpu().numpy()
+                        evaluations += int(result.extras["evaluations"].sum())
+                    images["target"][at] = result.targets.cpu().numpy()
+                    images["probability"][at] = result.probabilities.float().cpu().numpy()
+                    maps, targets = stored_precision(result.maps), result.targets
+                elif score:
+                    if m not in stored_maps:  # once per shard and method
+                        stored_maps[m] = store.read_shard(dataset, name, m, shard)
+                    maps = torch.from_numpy(stored_maps[m][at].astype(np.float32)).to(lm.device)
+                    targets = slot_targets
+                if score:
+                    with autocast(lm.device, config.precision):
+                        random_maps = randomised_maps(randomised.get(m, []), x_j, targets,
+                                                      kwargs)
+                        rows[m] += score_maps(lm.model, x_j, maps, targets, examples, m,
+                                              config.protocol, config.causal_pixels, math.nan,
+                                              seed=config.seed, pg_class=config.pg_class,
+                                              batch_size=forward, metrics=config.metrics,
+                                              randomised=random_maps)
     per_image = ({m: t / explained for m, t in seconds.items()} if make_maps and explained
                  else shard_record.get("seconds", {}))
     if make_maps:

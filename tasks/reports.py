@@ -56,7 +56,8 @@ def _examples(run_dir: str, config: RunConfig, model: str) -> str | None:
     if ok.empty:
         return None
     ids = ok["image_id"].tolist()
-    maps = {m: run.maps(config.dataset, model, m, ids=ids).values for m in config.methods}
+    maps = {m: run.maps(config.dataset, model, m, ids=ids, slot=0).values  # first class
+            for m in config.methods}
     photos = []
     for image_id in ids:
         try:

@@ -54,7 +54,7 @@ def test_old_configs_are_read_with_todays_names():
     config = RunConfig.from_dict(OLD_CONFIG)
     assert config.threads == 1 and "torch_threads" not in config.to_dict()
     # keys added since: their defaults are what those stores were made with
-    added = {"pg_class": "target", "precision": "fp32", "metrics": []}
+    added = {"pg_class": "target", "precision": "fp32", "metrics": [], "target": "predicted"}
     assert config.map_options() == {k: OLD_CONFIG.get(k, added.get(k)) for k in RunConfig.MAP_KEYS}
     assert config.pg_class == "target"  # stores made before --pg-class used the target's box
     spec = DistillSpec.from_dict({"dataset": "digits", "orders": 8})

@@ -88,3 +88,58 @@ def test_cli_evaluate_topk(tmp_path):
                                    "gradcam", "--target", "top2"])
     assert res.exit_code != 0 and "unknown --target 'top2'" in res.output
     assert "Traceback" not in res.output
+
+
+def test_pipeline_topk_store_has_a_class_axis_equal_to_the_plain_loop(tmp_path):
+    """Maps written per (image, class) slot, metrics read back from them (the evaluate step
+    reads the store), the query API selecting by slot, all equal to the plain loop."""
+    from test_pipeline import config_for, run_all
+
+    from shapcam.data import draw_records, open_dataset
+    from storage import SaliencyStore, open_run
+
+    model = {"name": "timm:test_resnet", "weights": "random", "layer": None}
+    config = config_for(tmp_path / "data", n_images=3, shard_size=2, models=[model],
+                        methods=["gradcam"], method_options={}, target="topk:2")
+    run_all(tmp_path / "run", config)
+    spec, _ = SaliencyStore(tmp_path / "run").table("sample", "timm:test_resnet")
+    assert spec.n_targets == 2
+    run = open_run(tmp_path / "run")
+    images = run.images("sample", "timm:test_resnet")
+    da = run.maps("sample", "timm:test_resnet", "gradcam")
+    assert da.dims == ("image", "class", "y", "x") and da.shape == (3, 2, 224, 224)
+    second = run.maps("sample", "timm:test_resnet", "gradcam", slot=1)
+    records = draw_records(open_dataset("sample", tmp_path / "data"), 3, 0)
+    plain = evaluate_records(lm_for(model), records, ["gradcam"], target="topk:2",
+                             causal=False)
+    df = run.metrics()
+    assert len(df) == 6 and sorted(df["target"]) == sorted(r.target for r in plain)
+    for row in plain:
+        got = df[(df["image_id"] == row.image_id) & (df["target"] == row.target)].iloc[0]
+        assert got["avg_drop"] == pytest.approx(row.avg_drop, abs=1e-5)
+    for rec in records:
+        classes = images.loc[images["image_id"] == rec.image_id, "targets"].iloc[0]
+        assert classes == [r.target for r in plain if r.image_id == rec.image_id]
+        x, _ = load_batch([rec.path])
+        want = GradCAM(lm_for(model))(x, torch.tensor([classes[1]])).maps[0].half().numpy()
+        np.testing.assert_array_equal(second.sel(image=rec.image_id).values, want)
+    from dashboards import data  # the dashboard's image table and panel, class 2 of 2
+
+    assert data.class_slots(run, "sample", "timm:test_resnet") == 2
+    table = data.image_table(run, "sample", "timm:test_resnet", "scorecam", slot=1)
+    for row in plain:
+        mine = table[table["image_id"] == row.image_id].iloc[0]
+        if mine["target"] == row.target:
+            assert mine["avg_drop:gradcam"] == pytest.approx(row.avg_drop, abs=1e-5)
+    first = table.iloc[0]
+    view = data.image_view(run, "sample", "timm:test_resnet", first["image_id"], table)
+    np.testing.assert_array_equal(view.maps["gradcam"], second.sel(
+        image=first["image_id"]).values.astype(np.float32))
+    with pytest.raises(Exception, match="slot 2 does not exist"):
+        run.maps("sample", "timm:test_resnet", "gradcam", slot=2)
+    assert "class" not in SaliencyStore(tmp_path / "run").table(
+        "sample", "timm:test_resnet")[1]["images"]["width"].metadata.dimension_names
+
+
+def lm_for(model):
+    return load_model(model["name"], model["weights"])

@@ -63,6 +63,9 @@ RUN_OPTIONS: list[tuple[str, Any, Any]] = [
     ("protocol", Protocol, _D.protocol),
     ("causal", Causal, _D.causal),
     ("metrics", Metrics, ""),
+    ("target", Annotated[str, typer.Option(
+        help="Classes explained per image: predicted (paper), label, topk:K or present (every "
+             "annotated class); several classes give the store a class axis.")], _D.target),
     ("pg_class", PgClass, _D.pg_class),
     ("preset", Preset, _D.preset),
     ("settings", Settings, None),
