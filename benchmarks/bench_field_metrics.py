@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_baselines import clock  # noqa: E402 - one timed call
 from bench_shapcam import timed  # noqa: E402 - the benchmarks' shared timer
 
 from shapcam import build_method, load_model  # noqa: E402
@@ -30,27 +30,17 @@ from shapcam.images import load_batch  # noqa: E402
 from shapcam.photos import bundled_photo_paths  # noqa: E402
 
 
-def once(fn) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
-
-
 def metric_seconds(lm, name: str, metric: str, x, maps, targets, boxes) -> float:
     """Seconds of one metric family on the batch (MPRT with its randomised explanations)."""
     if metric == "mprt":
         def run():
             cams = randomised_methods(lm, name, {})
             field_scores(maps, boxes, ["mprt"], randomised=randomised_maps(cams, x, targets, {}))
-        return once(run)
+        return clock(run)
 
     def run():
         field_scores(maps, boxes, [metric], model=lm.model, x=x, targets=targets)
-    return once(run) if metric == "road" else timed(run, repeat=2)
+    return clock(run) if metric == "road" else timed(run, repeat=2)
 
 
 def main() -> None:
