@@ -148,7 +148,8 @@ def image_panel(run: Run, dataset: str, model: str, image_id: str, table: pd.Dat
         st.error(str(exc))
         return
     titles = data.method_titles(run)
-    st.markdown(f"**{view.image_id}**: label *{view.label}*, predicted *{view.prediction}* "
+    verb = "explained" if "targets" in table else "predicted"  # topk/present: the slot's class
+    st.markdown(f"**{view.image_id}**: label *{view.label}*, {verb} *{view.prediction}* "
                 f"(p = {view.probability:.3f}); boxes in green")
     if view.photo_problem:
         st.warning(f"photo not shown: {view.photo_problem}")

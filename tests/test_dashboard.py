@@ -230,6 +230,67 @@ def test_dashboard_in_a_browser(runs, browser, tmp_path, screenshot_dir, clean_c
         stop_process(proc)
 
 
+def _start_dashboard(runs: Path, cwd: Path) -> tuple[subprocess.Popen, int]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from flows.cli import app; app()", "dashboard", "--runs",
+         str(runs), "--port", str(port)], cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health",
+                                        timeout=2) as r:
+                if r.status == 200:
+                    return proc, port
+        except OSError:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the dashboard did not start"
+            time.sleep(0.5)
+
+
+def test_dashboard_picks_the_explained_class_of_a_topk_run(browser, tmp_path, clean_checkout):
+    """A --target topk:2 run: the sidebar offers the class, the panel shows that class."""
+    pytest.importorskip("timm")
+    from selenium.webdriver.common.by import By
+
+    from tasks.pipeline import aggregate, evaluate_shard, explain_shard, plan_run
+
+    config = _config(tmp_path / "data").replace(
+        models=({"name": "timm:test_resnet", "weights": "random", "layer": None},),
+        methods=("gradcam",), method_options={}, causal=False, target="topk:2", n_images=2)
+    run_dir = str(tmp_path / "runs" / "multi")
+    plan = plan_run(run_dir, "multi", config)
+    for k, records in enumerate(plan["shards"]):
+        explain_shard(run_dir, config, config.models[0], k, records)
+        evaluate_shard(run_dir, config, config.models[0], k, records)
+    aggregate(run_dir, config)
+    run = Run(run_dir)
+    second = run.images("sample", "timm:test_resnet", slot=1).set_index("image_id")["target"]
+    names = data.categories(run, "sample", "timm:test_resnet")
+    image_id = second.index[0]
+    proc, port = _start_dashboard(tmp_path / "runs", tmp_path)
+    try:
+        browser.get(f"http://127.0.0.1:{port}/")
+        wait = _Wait(browser, 90)
+
+        def body(d) -> str:
+            return d.find_element(By.TAG_NAME, "body").text
+
+        wait.until(lambda d: "Explained class" in body(d) and "Grad-CAM" in body(d))
+        _pick(browser, wait, "Explained class", "class 2 of the image's 2")
+        _pick(browser, wait, "Image", image_id)
+        want = f"explained {names[int(second[image_id])]}"
+        wait.until(lambda d: want in body(d))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR,
+                                                 "[data-testid='stImage'] img")) >= 1)
+    finally:
+        from flows.runtime import stop_process
+
+        stop_process(proc)
+
+
 def _sql_box_is_sandboxed(browser, wait, runs: Path, tmp_path: Path) -> None:
     """Every hostile query typed into the SQL box is refused on the page, nothing is written,
     and a documented query still shows its table."""
