@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import ShapCAMError
-from .tokens import check_token_model, is_token_model
+from .tokens import check_token_model, is_token_model, is_transformer
 from .tokens import default_layer as token_default_layer
 
 PREFIX = "timm:"
@@ -137,7 +137,7 @@ def create(name: str, spec: str, num_classes: int | None) -> tuple[nn.Module, st
     family = type(model).__name__
     if is_token_model(model):
         check_token_model(model)
-    elif hasattr(model, "patch_embed"):
+    elif not is_transformer(model) and hasattr(model, "patch_embed"):
         raise ShapCAMError(
             f"timm:{bare} is a {family}, a transformer whose tokens this version does not "
             "explain (ViT and DeiT do, through their patch tokens); CNN families work too")
@@ -148,7 +148,7 @@ def create(name: str, spec: str, num_classes: int | None) -> tuple[nn.Module, st
 def default_layer(model: nn.Module) -> str | None:
     """The family's target layer (:data:`FAMILY_LAYERS`; vision transformers: the tokens
     entering the last block), or None (then found by a forward)."""
-    if is_token_model(model):
+    if is_transformer(model):
         return token_default_layer(model)
     return FAMILY_LAYERS.get(type(model).__name__)
 

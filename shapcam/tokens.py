@@ -41,6 +41,17 @@ def is_token_model(model: nn.Module) -> bool:
         model, "blocks") and hasattr(model, "patch_embed")
 
 
+def is_swin(model: nn.Module) -> bool:
+    """A timm ``SwinTransformer`` (v1)."""
+    return any(c.__name__ == "SwinTransformer" for c in type(model).__mro__) and hasattr(
+        model, "layers")
+
+
+def is_transformer(model: nn.Module) -> bool:
+    """A model whose players are tokens: a ViT or a Swin."""
+    return is_token_model(model) or is_swin(model)
+
+
 def check_token_model(model: nn.Module) -> None:
     """One clear line for the transformer variants the token game does not cover."""
     name = type(model).__name__
@@ -58,8 +69,21 @@ def check_token_model(model: nn.Module) -> None:
 
 
 def default_layer(model: nn.Module) -> str:
-    """The tokens entering the last block: the output of ``blocks.{L - 2}``."""
+    """The tokens entering the last block: the output of ``blocks.{L - 2}`` (ViT) or of the
+    last stage's second-to-last block (Swin)."""
+    if is_swin(model):
+        last = len(model.layers) - 1
+        return f"layers.{last}.blocks.{len(model.layers[last].blocks) - 2}"
     return f"blocks.{len(model.blocks) - 2}"
+
+
+def token_split(model: nn.Module, layer: str) -> tuple[str, nn.Module]:
+    """``(trunk layer, head)`` of a transformer split at ``layer``: the head takes the tokens
+    (and a coalition) and returns logits."""
+    if is_swin(model):
+        return layer, SwinHead(model, layer)
+    k = split_index(model, layer)
+    return f"blocks.{k}", TokenHead(model, k)
 
 
 def split_index(model: nn.Module, layer: str) -> int:
@@ -86,6 +110,12 @@ class TokenHead(nn.Module):
         check_token_model(model)
         self.model, self.start = model, k + 1
         self.prefix = int(model.num_prefix_tokens)
+
+    def grid(self, tokens: torch.Tensor) -> torch.Tensor:
+        return grid(tokens, self.prefix)
+
+    def n_positions(self, tokens: torch.Tensor) -> int:
+        return tokens.shape[1] - self.prefix
 
     def forward(self, tokens: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
         m = self.model
@@ -150,8 +180,10 @@ class ClassTokenPath:
         return m.head(m.head_drop(m.fc_norm(m.norm(y))))
 
 
-def has_class_token_path(head: TokenHead) -> bool:
+def has_class_token_path(head: nn.Module) -> bool:
     """Class-token pooling, one block after the split, timm's plain ``Block``/``Attention``."""
+    if not isinstance(head, TokenHead):
+        return False
     m = head.model
     blk = m.blocks[-1]
     return (m.global_pool == "token" and head.start == len(m.blocks) - 1
@@ -166,6 +198,66 @@ def grid(tokens: torch.Tensor, prefix: int) -> torch.Tensor:
     if side * side != n:
         raise ShapCAMError(f"{n} patch tokens do not form a square grid; use a square input")
     return tokens[:, prefix:].transpose(1, 2).reshape(B, D, side, side)
+
+
+class SwinHead(nn.Module):
+    """A Swin split inside its last stage: the remaining blocks of that stage, then ``norm ->
+    average pool -> fc``, with an optional key mask over the ``h x w`` tokens.
+
+    Covered where the last stage is one attention window without shift (timm's Swin at 224:
+    7 x 7 tokens, window 7): each remaining block is then plain attention over all tokens with
+    its relative position bias, so a key mask (``-inf`` for absent tokens) removes them exactly
+    as for a ViT, and the average pools the present tokens only. Tokens are NHWC.
+    """
+
+    def __init__(self, model: nn.Module, layer: str) -> None:
+        super().__init__()
+        last = len(model.layers) - 1
+        stage = model.layers[last]
+        head, _, rest = layer.partition(f"layers.{last}.blocks.")
+        d = len(stage.blocks)
+        if head or not rest.isdigit() or not 0 <= int(rest) <= d - 2:
+            raise ShapCAMError(f"a Swin is explained at the output of a block of its last "
+                               f"stage, layers.{last}.blocks.0 .. layers.{last}.blocks.{d - 2}"
+                               f" (default: the tokens entering the last block), not {layer!r}")
+        self.blocks = list(stage.blocks)[int(rest) + 1:]
+        for blk in self.blocks:
+            if any(blk.shift_size) or tuple(blk.window_size) != tuple(blk.input_resolution):
+                raise ShapCAMError(f"{type(model).__name__}'s last stage is not one unshifted "
+                                   "attention window at this input size; not supported")
+        if type(model.head).__name__ != "ClassifierHead" or model.head.global_pool.pool_type \
+                != "avg":
+            raise ShapCAMError(f"{type(model).__name__} has a head other than average pooling "
+                               "and a linear layer; not supported")
+        self.model, self.prefix = model, 0
+
+    def grid(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.permute(0, 3, 1, 2)
+
+    def n_positions(self, tokens: torch.Tensor) -> int:
+        return tokens.shape[1] * tokens.shape[2]
+
+    def forward(self, tokens: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        B, H, W, C = tokens.shape
+        mask = None
+        if present is not None:
+            bias = torch.zeros(B, 1, H * W, dtype=tokens.dtype, device=tokens.device)
+            bias = bias.masked_fill(~present.bool().unsqueeze(1), float("-inf"))
+            mask = bias.expand(B, H * W, H * W)  # one window per image: (windows, N, N)
+        x = tokens
+        for blk in self.blocks:  # SwinTransformerBlock.forward with the key mask
+            a = blk.attn(blk.norm1(x).reshape(B, H * W, C), mask=mask).reshape(B, H, W, C)
+            x = (x + blk.drop_path1(a)).reshape(B, -1, C)
+            x = (x + blk.drop_path2(blk.mlp(blk.norm2(x)))).reshape(B, H, W, C)
+        x = self.model.norm(x).reshape(B, -1, C)
+        if present is None:
+            pooled = x.mean(1)
+        else:  # absent tokens' outputs (NaN when no key is left) are left out, not multiplied
+            keep = present.bool().unsqueeze(-1)
+            pooled = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(1)
+            pooled = pooled / keep.sum(1).clamp_min(1)  # the empty coalition pools to 0
+        head = self.model.head
+        return head.flatten(head.fc(head.drop(pooled)))
 
 
 class TokenGame:
@@ -184,7 +276,7 @@ class TokenGame:
         self._paths: dict[int, ClassTokenPath] = {}
         self.value, self.batch_size = value, batch_size
         self.n_games = tokens.shape[0]
-        self.n_positions = tokens.shape[1] - head.prefix
+        self.n_positions = head.n_positions(tokens)
         self.device = tokens.device
         self.groups = groups.to(self.device) if groups is not None else None
         self.n_players = int(self.groups.max()) + 1 if groups is not None else self.n_positions

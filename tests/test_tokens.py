@@ -124,8 +124,8 @@ def test_bad_transformer_input_is_one_clear_line():
         GradCAM(LoadedModel(vit, "v", "random", "blocks.0", []))
     with pytest.raises(ShapCAMError, match="has a head of its own"):
         load_model("timm:deit_tiny_distilled_patch16_224", "random")
-    with pytest.raises(ShapCAMError, match="SwinTransformer, a transformer whose tokens"):
-        load_model("timm:swin_tiny_patch4_window7_224", "random")
+    with pytest.raises(ShapCAMError, match="Eva, a transformer whose tokens"):
+        load_model("timm:eva02_tiny_patch14_224", "random")
 
 
 def test_class_token_fast_path_equals_the_generic_path():
@@ -146,3 +146,43 @@ def test_class_token_fast_path_equals_the_generic_path():
     torch.testing.assert_close(a.raw, b.raw, atol=1e-6, rtol=1e-4)
     # average pooling or an earlier split: the generic path (every block on the sequence)
     assert not ShapCAM(tiny_vit("avg")).game(torch.zeros(1, 5, 16), torch.zeros(1).long()).fast
+
+
+def tiny_swin(window: int = 2) -> LoadedModel:
+    """A 2-stage Swin on 16 x 16 inputs: its last stage is 2 x 2 tokens (4 players)."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    swin = SwinTransformer(img_size=16, patch_size=4, embed_dim=8, depths=(1, 2),
+                           num_heads=(1, 2), window_size=window, num_classes=5).eval()
+    return LoadedModel(swin, "tiny-swin", "random", "layers.1.blocks.0",
+                       [str(i) for i in range(5)])
+
+
+def test_swin_tokens_are_removed_from_attention_and_exact():
+    lm = tiny_swin()
+    cam = ShapCAM(lm, estimator="exact")
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    present = torch.tensor([[True, False, True, False], [False, True, True, True]])
+    with torch.no_grad():
+        tokens = cam.trunk(x)  # NHWC
+        assert tokens.shape == (2, 2, 2, 16)
+        torch.testing.assert_close(cam.head(tokens), lm.model(x), atol=1e-6, rtol=1e-6)
+        masked = cam.head(tokens, present)
+        changed = tokens.clone().view(2, 4, 16)
+        changed[~present] = torch.randn(int((~present).sum()), 16)  # absent tokens' content
+        torch.testing.assert_close(cam.head(changed.view(2, 2, 2, 16), present), masked,
+                                   atol=1e-6, rtol=1e-6)
+        zeroed = tokens.clone().view(2, 4, 16)
+        zeroed[~present] = 0
+        assert not torch.allclose(cam.head(zeroed.view(2, 2, 2, 16)), masked, atol=1e-4)
+    r = cam(x)
+    gap = (r.extras["v_full"] - r.extras["v_empty"]).to(r.raw.dtype)
+    torch.testing.assert_close(r.raw.flatten(1).sum(1), gap, atol=1e-6, rtol=1e-5)
+    assert r.raw.shape == (2, 2, 2) and GradCAM(lm)(x).raw.shape == (2, 2, 2)
+    swin = load_model("timm:swin_tiny_patch4_window7_224", "random")
+    assert swin.target_layer == "layers.3.blocks.0"
+    with pytest.raises(ShapCAMError, match="output of a block of its last stage"):
+        GradCAM(swin, "layers.2.blocks.0")
+    with pytest.raises(ShapCAMError, match="not one unshifted attention window"):
+        GradCAM(tiny_swin(window=1))

@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import ShapCAMError
 from ..models import LoadedModel
 from ..split import HookTrunk, split_model
-from ..tokens import TokenHead, grid, is_token_model, split_index
+from ..tokens import is_transformer, token_split
 
 
 @dataclass
@@ -96,13 +96,11 @@ class CAMMethod(ABC):
         if target_layer is None:
             raise ShapCAMError("pass target_layer when the model is a plain nn.Module")
         self.target_layer = target_layer
-        #: prefix tokens (class token, registers) of a vision transformer; None for CNNs
-        self.token_prefix: int | None = None
-        if is_token_model(self.model):  # tokens after a block; heads take a key mask
-            k = split_index(self.model, target_layer)
-            self.trunk = HookTrunk(self.model, f"blocks.{k}")  # runs until that block returns
-            self.head = TokenHead(self.model, k)
-            self.token_prefix = self.head.prefix
+        #: whether the players are transformer tokens (the head then takes a key mask)
+        self.tokens = is_transformer(self.model)
+        if self.tokens:
+            layer, self.head = token_split(self.model, target_layer)
+            self.trunk = HookTrunk(self.model, layer)  # runs until that block returns
             return
         # traced in eval mode: fx bakes Python branches on ``self.training`` into the graph
         with eval_mode(self.model):
@@ -115,7 +113,7 @@ class CAMMethod(ABC):
     def feature_map(self, features: torch.Tensor) -> torch.Tensor:
         """The target layer's output as a map ``(B, C, h, w)``: itself for CNNs, the patch
         tokens on their grid for vision transformers (what channel-weighting methods use)."""
-        return features if self.token_prefix is None else grid(features, self.token_prefix)
+        return self.head.grid(features) if self.tokens else features
 
     @torch.no_grad()
     def feature_hw(self, input_hw: tuple[int, int]) -> tuple[int, int]:

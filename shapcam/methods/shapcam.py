@@ -274,7 +274,7 @@ class ShapCAM(CAMMethod):
         on a vision transformer, the token game (:mod:`shapcam.tokens`)."""
         _, C, h, w = self.feature_map(features).shape
         groups = block_groups(h, w, self.block) if self.block else None
-        if self.token_prefix is not None:
+        if self.tokens:
             if self.baseline != "zero":
                 raise ShapCAMError("baseline='mean' has no meaning for tokens: an absent token "
                                    "is removed from attention; use the default")
