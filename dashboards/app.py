@@ -45,8 +45,8 @@ def _image_table(path: str, dataset: str, model: str, protocol: str, _stamp: str
 
 @st.cache_data(show_spinner="comparing maps chunk by chunk")
 def _disagreement(path: str, dataset: str, model: str, a: str, b: str,
-                  ids: tuple[str, ...]) -> pd.Series:
-    return data.map_disagreement(Run(path), dataset, model, a, b, list(ids))
+                  ids: tuple[str, ...], slot: int = 0) -> pd.Series:
+    return data.map_disagreement(Run(path), dataset, model, a, b, list(ids), slot=slot)
 
 
 def stderr_image(stderr: np.ndarray, size: tuple[int, int]) -> Image.Image:
@@ -122,7 +122,8 @@ def images(run: Run, dataset: str, model: str, protocol: str, table: pd.DataFram
             st.caption(f"ranking the first {MAX_DISAGREEMENT} of {len(shown)} images by "
                        "disagreement; narrow the filters to rank them all")
             shown = shown.iloc[:MAX_DISAGREEMENT]
-        dis = _disagreement(run.root, dataset, model, a, b, tuple(shown["image_id"]))
+        dis = _disagreement(run.root, dataset, model, a, b, tuple(shown["image_id"]),
+                            int(table["slot"].iloc[0]) if "slot" in table else 0)
         shown = shown.assign(disagreement=shown["image_id"].map(dis)).sort_values(
             "disagreement", ascending=False)
     if shown.empty:

@@ -207,13 +207,14 @@ def image_table(run: Run, dataset: str, model: str, protocol: str, slot: int = 0
 
 
 def map_disagreement(run: Run, dataset: str, model: str, a: str, b: str,
-                     ids: list[str] | None = None, size: int = 28) -> pd.Series:
+                     ids: list[str] | None = None, size: int = 28, slot: int = 0) -> pd.Series:
     """``1 - Pearson r`` between the maps of methods ``a`` and ``b`` per image, on maps
-    average-pooled to ``size x size``; read chunk by chunk (dask), only for ``ids``."""
+    average-pooled to ``size x size``; read chunk by chunk (dask), only for ``ids``; ``slot``:
+    which class of multi-target runs."""
     import dask.array as da
 
     def pooled(method: str):
-        arr = run.maps(dataset, model, method, ids=ids).data.astype(np.float32)
+        arr = run.maps(dataset, model, method, ids=ids, slot=slot).data.astype(np.float32)
         f = arr.shape[-1] // size
         return da.coarsen(np.mean, arr, {1: f, 2: f}, trim_excess=True).reshape(
             arr.shape[0], -1)

@@ -187,15 +187,23 @@ def _dry_run(config: RunConfig, options: dict[str, Any]) -> None:
     from shapcam.data import draw_records, open_dataset
     from shapcam.errors import ShapCAMError
     from shapcam.models import load_model
+    from shapcam.targets import annotated
 
+    spec_t = config.target_spec
+    classes = float(spec_t.k) if spec_t.kind == "topk" else 1.0  # maps per image
     try:
-        n = len(draw_records(open_dataset(config.dataset, config.root, config.split),
-                             config.n_images, config.seed))
+        records = draw_records(open_dataset(config.dataset, config.root, config.split),
+                               config.n_images, config.seed)
+        n = len(records)
         where = f"{config.dataset} ({n} images)"
+        if spec_t.kind == "present" and records:
+            classes = sum(len(annotated(r)) for r in records) / n
     except ShapCAMError:
         if config.n_images is None:
             raise
         n, where = config.n_images, f"{config.n_images} images of {config.dataset} (not read)"
+    if classes != 1:
+        where += f", {classes:.2f} classes explained per image (--target {spec_t})"
     device = config.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ShapCAMError("--dry-run calibrates on this machine, which has no CUDA device; "
@@ -212,7 +220,7 @@ def _dry_run(config: RunConfig, options: dict[str, Any]) -> None:
                           config.protocol, x)
         secs = time.perf_counter() - t
         per_image = sum(c.seconds for c in costs)
-        total += per_image * n
+        total += per_image * n * classes
         rows = [[c.method, c.passes, c.map_seconds, c.metric_seconds, c.seconds]
                 for c in costs] + [["all", "", None, None, per_image]]
         name = (torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda"
