@@ -1,18 +1,19 @@
-"""Shap-CAM on timm models (ViT-S/16 tokens, ConvNeXt-T positions) against captum's
-ShapleyValueSampling on the same game, side by side.
+"""Shap-CAM on timm models (ViT-S/16 and Swin-T tokens, ConvNeXt-T positions) against
+captum's ShapleyValueSampling on the same game, side by side.
 
-    .venv/bin/python benchmarks/bench_timm.py [--device cuda] [--permutations 2,4] [--images 2]
+    .venv/bin/python benchmarks/bench_timm.py [--device cuda] [--permutations 8,32] [--images 2]
 
 Random weights (speed does not depend on them), 224 x 224 inputs. The game is the one Shap-CAM
 plays: for the ViT the patch tokens entering the last block, absent tokens removed from
-attention (``TokenHead(tokens, present)``); for ConvNeXt-T the positions of ``stages``, masked
-to zero before its generic head (pool -> LayerNorm -> Linear). captum gets the same value
-function: a ``(1, n)`` input of ones whose entries it sets to the baseline 0, turned into the
-coalition and handed to the same head; its ``n_samples`` is our ``K``. Both cost linearly in
-``K``: the table reports measured seconds at two ``K`` and the projection to the default
-``K = 512`` (linear through the two), with and without ``block=2`` for the ViT. On the ViT,
-ours is the exact class-token path (``shapcam.tokens.ClassTokenPath``) and captum is handed
-the same value function; the generic path (the last block on the whole sequence per
+attention (``TokenHead(tokens, present)``); for Swin-T the 7 x 7 tokens entering its last block
+(``SwinHead``, generic path: the last block per coalition); for ConvNeXt-T the positions of
+``stages``, masked to zero before its generic head (pool -> LayerNorm -> Linear). captum gets
+the same value function: a ``(1, n)`` input of ones whose entries it sets to the baseline 0,
+turned into the coalition and handed to the same head; its ``n_samples`` is our ``K``. Both
+cost linearly in ``K``: the table reports measured seconds at two ``K`` and the projection to
+the default ``K = 512`` (linear through the two), with and without ``block=2`` for the ViT. On
+the ViT, ours is the exact class-token path (``shapcam.tokens.ClassTokenPath``) and captum is
+handed the same value function; the generic path (the last block on the whole sequence per
 coalition, ``fast_path="off"``) is timed at ``K = 1`` and multiplied by 512.
 """
 
@@ -68,6 +69,7 @@ def main() -> None:
           f"ours projected to K={DEFAULT_PERMUTATIONS} (s/img) |")
     print("|---|---|---|---|---|---|---|")
     cases = (("timm:vit_small_patch16_224", None, None), ("timm:vit_small_patch16_224", 2, None),
+             ("timm:swin_tiny_patch4_window7_224", None, None),
              ("timm:convnext_tiny", None, None), ("timm:convnext_tiny", None, 1024))
     for name, block, batch in cases:  # batch: coalitions per head call (None: the default)
         lm = load_model(name, "random", device=args.device)

@@ -69,6 +69,25 @@ def _wait_healthy(proc: subprocess.Popen, url: str, log: str, timeout: float) ->
         time.sleep(0.5)
 
 
+#: Run as ``python -c _ORPHAN_GUARD PARENT_PID CMD...``: ask Linux to send SIGTERM when the
+#: parent dies (even by SIGKILL, which no cleanup code sees), then become CMD (the setting
+#: survives exec); exit at once if the parent is already gone.
+_ORPHAN_GUARD = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(0)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n")
+
+
+def dies_with_this_process(cmd: list[str]) -> list[str]:
+    """``cmd`` wrapped so that it is terminated when this process dies, however it dies (Linux;
+    elsewhere ``cmd`` unchanged): a local server must not outlive a killed ``shapcam run``."""
+    if not sys.platform.startswith("linux"):
+        return cmd
+    return [sys.executable, "-c", _ORPHAN_GUARD, str(os.getpid()), *cmd]
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
     """SIGTERM, then SIGKILL if ``proc`` has not exited within ``timeout`` seconds; a process
     started with ``start_new_session=True`` is stopped with its whole process group."""
@@ -103,9 +122,9 @@ def local_prefect_server(timeout: float = 180.0) -> Iterator[str]:
     log = open(home / "server.log", "ab")  # noqa: SIM115 - closed in finally
     # Its own session: Ctrl-C in the terminal reaches the command, which stops the run and
     # marks it Cancelled through this server before stopping it (with its process group).
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host",
-                             "127.0.0.1", "--port", str(port)], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(dies_with_this_process(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+         str(port)]), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(proc, url, log.name, timeout)

@@ -105,6 +105,22 @@ def test_flow_on_local_server_and_dask_workers(mobilenet, tmp_path):
 SLOW = ("--methods", "gradcam,rise", "--set", "rise.n_masks=150", "--shard-size", "1")
 
 
+def _prefect_servers(home: Path) -> list:
+    """The ``prefect server`` processes started for ``PREFECT_HOME=home``."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = p.info["cmdline"] or []
+            if "server" in cmd and any("prefect" in c for c in cmd) and \
+                    p.environ().get("PREFECT_HOME") == str(home):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
 def _metrics(run_dir: Path):
     df = open_run(run_dir).metrics(columns=["method", "image_id", "avg_drop", "target"])
     return df.sort_values(["method", "image_id"]).reset_index(drop=True)
@@ -120,8 +136,16 @@ def test_killed_run_resumes_to_the_same_results(mobilenet, tmp_path):
             break
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the CLI, the Prefect server and the Dask workers
+    servers = _prefect_servers(tmp_path / "prefect")
+    assert servers, "the run's local Prefect server is not running"
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its Dask workers: no cleanup code runs
     proc.wait(timeout=30)
+    # The server has its own session (Ctrl-C goes to the CLI), so the kill did not reach it;
+    # it must still die with the CLI (a parent-death signal), not run on forever.
+    deadline = time.monotonic() + 30
+    while any(p.is_running() and p.status() != "zombie" for p in servers):
+        assert time.monotonic() < deadline, "the Prefect server outlived the killed run"
+        time.sleep(0.5)
     completed = {p.name: p.stat().st_mtime_ns for p in shards.glob("*.json")}
     assert 1 <= len(completed) < 6
     status = SaliencyStore(tmp_path / "runs" / "killed").shard_status("sample", "mobilenet_v2")
