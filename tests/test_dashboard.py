@@ -41,27 +41,29 @@ def _config(root: Path) -> RunConfig:
 def runs(tmp_path_factory, request) -> Path:
     """A runs folder with one completed run (maps, metrics, manifest) and one in progress."""
     request.getfixturevalue("mobilenet")
-    from tasks.pipeline import (
-        aggregate,
-        evaluate_shard,
-        explain_shard,
-        plan_run,
-        write_run_manifest,
-    )
+    from tasks.pipeline import explain_shard, plan_run, write_run_manifest
 
     base = tmp_path_factory.mktemp("dash")
     config = _config(base / "data")
     run_dir = str(base / "runs" / "done")
-    plan = plan_run(run_dir, "done", config)
-    for k, records in enumerate(plan["shards"]):
-        explain_shard(run_dir, config, config.models[0], k, records)
-        evaluate_shard(run_dir, config, config.models[0], k, records)
-    aggregate(run_dir, config)
+    plan = _complete_run(run_dir, "done", config)
     write_run_manifest(run_dir, "done", config, plan, datetime.now(UTC))
     busy = str(base / "runs" / "busy")
     plan = plan_run(busy, "busy", config)
     explain_shard(busy, config, config.models[0], 0, plan["shards"][0])
     return base / "runs"
+
+
+def _complete_run(run_dir: str, run_id: str, config: RunConfig) -> dict:
+    """Plan, explain, evaluate and aggregate every shard of a run (the pipeline's tasks)."""
+    from tasks.pipeline import aggregate, evaluate_shard, explain_shard, plan_run
+
+    plan = plan_run(run_dir, run_id, config)
+    for k, records in enumerate(plan["shards"]):
+        explain_shard(run_dir, config, config.models[0], k, records)
+        evaluate_shard(run_dir, config, config.models[0], k, records)
+    aggregate(run_dir, config)
+    return plan
 
 
 def test_run_list_statuses_and_problems(runs, tmp_path):
@@ -185,38 +187,19 @@ def test_dashboard_in_a_browser(runs, browser, tmp_path, screenshot_dir, clean_c
     """Start `shapcam dashboard`, open the run, pick an image, see every method's overlay."""
     from selenium.webdriver.common.by import By
 
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from flows.cli import app; app()", "dashboard", "--runs",
-         str(runs), "--port", str(port)], cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc, port = _start_dashboard(runs, tmp_path)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health",
-                                            timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                assert proc.poll() is None, proc.stdout.read()
-                assert time.monotonic() < deadline, "the dashboard did not start"
-                time.sleep(0.5)
         browser.get(f"http://127.0.0.1:{port}/")
         wait = _Wait(browser, 90)
 
-        def body(d) -> str:
-            return d.find_element(By.TAG_NAME, "body").text
-
-        wait.until(lambda d: "Runs" in body(d) and "Run\n" in body(d))
+        wait.until(lambda d: "Runs" in _body(d) and "Run\n" in _body(d))
         _pick(browser, wait, "Run", "done (completed)")
-        wait.until(lambda d: "Grad-CAM" in body(d) and "Average Drop" in body(d))
+        wait.until(lambda d: "Grad-CAM" in _body(d) and "Average Drop" in _body(d))
         _pick(browser, wait, "Image", "sample_coffee")
-        wait.until(lambda d: "sample_coffee: label" in body(d))
+        wait.until(lambda d: "sample_coffee: label" in _body(d))
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR,
                                                  "[data-testid='stImage'] img")) >= 2)
-        captions = body(browser)
+        captions = _body(browser)
         assert "Grad-CAM" in captions and "Shap-CAM" in captions
         assert len(browser.find_elements(By.CSS_SELECTOR, "div.metrics")) == 2
         time.sleep(1)
@@ -228,6 +211,13 @@ def test_dashboard_in_a_browser(runs, browser, tmp_path, screenshot_dir, clean_c
         from flows.runtime import stop_process
 
         stop_process(proc)
+
+
+def _body(driver) -> str:
+    """The page's text."""
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.TAG_NAME, "body").text
 
 
 def _start_dashboard(runs: Path, cwd: Path) -> tuple[subprocess.Popen, int]:
@@ -255,17 +245,11 @@ def test_dashboard_picks_the_explained_class_of_a_topk_run(browser, tmp_path, cl
     pytest.importorskip("timm")
     from selenium.webdriver.common.by import By
 
-    from tasks.pipeline import aggregate, evaluate_shard, explain_shard, plan_run
-
     config = _config(tmp_path / "data").replace(
         models=({"name": "timm:test_resnet", "weights": "random", "layer": None},),
         methods=("gradcam",), method_options={}, causal=False, target="topk:2", n_images=2)
     run_dir = str(tmp_path / "runs" / "multi")
-    plan = plan_run(run_dir, "multi", config)
-    for k, records in enumerate(plan["shards"]):
-        explain_shard(run_dir, config, config.models[0], k, records)
-        evaluate_shard(run_dir, config, config.models[0], k, records)
-    aggregate(run_dir, config)
+    _complete_run(run_dir, "multi", config)
     run = Run(run_dir)
     second = run.images("sample", "timm:test_resnet", slot=1).set_index("image_id")["target"]
     names = data.categories(run, "sample", "timm:test_resnet")
@@ -275,14 +259,11 @@ def test_dashboard_picks_the_explained_class_of_a_topk_run(browser, tmp_path, cl
         browser.get(f"http://127.0.0.1:{port}/")
         wait = _Wait(browser, 90)
 
-        def body(d) -> str:
-            return d.find_element(By.TAG_NAME, "body").text
-
-        wait.until(lambda d: "Explained class" in body(d) and "Grad-CAM" in body(d))
+        wait.until(lambda d: "Explained class" in _body(d) and "Grad-CAM" in _body(d))
         _pick(browser, wait, "Explained class", "class 2 of the image's 2")
         _pick(browser, wait, "Image", image_id)
         want = f"explained {names[int(second[image_id])]}"
-        wait.until(lambda d: want in body(d))
+        wait.until(lambda d: want in _body(d))
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR,
                                                  "[data-testid='stImage'] img")) >= 1)
     finally:
