@@ -24,7 +24,12 @@ from bench_baselines import clock  # noqa: E402 - one timed call
 from bench_shapcam import timed  # noqa: E402 - the benchmarks' shared timer
 
 from shapcam import build_method, load_model  # noqa: E402
-from shapcam.evaluate import randomised_maps, randomised_methods, stored_precision  # noqa: E402
+from shapcam.evaluate import (  # noqa: E402
+    randomised_maps,
+    randomised_methods,
+    randomised_models,
+    stored_precision,
+)
 from shapcam.field_metrics import FIELD_METRICS, field_scores  # noqa: E402
 from shapcam.images import load_batch  # noqa: E402
 from shapcam.photos import bundled_photo_paths  # noqa: E402
@@ -34,7 +39,7 @@ def metric_seconds(lm, name: str, metric: str, x, maps, targets, boxes) -> float
     """Seconds of one metric family on the batch (MPRT with its randomised explanations)."""
     if metric == "mprt":
         def run():
-            cams = randomised_methods(lm, name, {})
+            cams = randomised_methods(randomised_models(lm), name, {})
             field_scores(maps, boxes, ["mprt"], randomised=randomised_maps(cams, x, targets, {}))
         return clock(run)
 

@@ -135,8 +135,8 @@ def evaluate_records(
     check_pg_class(pg_class)
     options = method_options or {}
     cams: dict[str, CAMMethod] = {m: build_method(m, lm, options.get(m)) for m in methods}
-    randomised = ({m: randomised_methods(lm, m, options.get(m)) for m in methods}
-                  if "mprt" in metrics else {})
+    random_models = randomised_models(lm) if "mprt" in metrics else []
+    randomised = {m: randomised_methods(random_models, m, options.get(m)) for m in methods}
     rows: list[MetricRow] = []
     device = lm.device
     batches = decoded_batches(records, image_batch(str(device), batch_images),
@@ -209,13 +209,19 @@ def method_call_options(name: str, seed: int, image_ids: Sequence[str]) -> dict[
     return {"seeds": [image_seed(seed, i) for i in image_ids]} if name == "shapcam" else {}
 
 
-def randomised_methods(lm: LoadedModel, name: str, options: dict[str, Any] | None,
-                       depths: Sequence[float] = MPRT_DEPTHS) -> list[CAMMethod]:
-    """Method ``name`` built on copies of the model randomised down to each MPRT checkpoint
-    (:func:`~shapcam.field_metrics.randomised_copy`)."""
+def randomised_models(lm: LoadedModel, depths: Sequence[float] = MPRT_DEPTHS
+                      ) -> list[LoadedModel]:
+    """Copies of the model randomised down to each MPRT checkpoint
+    (:func:`~shapcam.field_metrics.randomised_copy`), one per checkpoint for every method."""
     n = len(randomisable_layers(lm.model))
-    return [build_method(name, dataclasses.replace(lm, model=randomised_copy(lm.model, d)),
-                         options) for d in mprt_depths(n, depths)]
+    return [dataclasses.replace(lm, model=randomised_copy(lm.model, d))
+            for d in mprt_depths(n, depths)]
+
+
+def randomised_methods(models: Sequence[LoadedModel], name: str,
+                       options: dict[str, Any] | None) -> list[CAMMethod]:
+    """Method ``name`` built on each randomised model (:func:`randomised_models`)."""
+    return [build_method(name, m, options) for m in models]
 
 
 def randomised_maps(cams: Sequence[CAMMethod], x: torch.Tensor, targets: torch.Tensor,

@@ -32,7 +32,7 @@ from shapcam.evaluate import (
     MetricRow,
     method_call_options,
     randomised_maps,
-    randomised_methods,
+    randomised_models,
     score_maps,
     stored_precision,
     summary_table,
@@ -64,6 +64,7 @@ log = logging.getLogger("tasks")
 log.setLevel(logging.INFO)  # Prefect attaches its API handler but leaves the level at WARNING
 _MODELS: dict[tuple[str, str, str | None, str], LoadedModel] = {}
 _METHODS: dict[tuple[Any, ...], CAMMethod] = {}
+_RANDOMISED: dict[int, list[LoadedModel]] = {}  # MPRT copies per loaded model
 
 
 def cached_model(spec: ModelSpec, device: str, nhwc: bool = False) -> LoadedModel:
@@ -103,6 +104,13 @@ def method_options_for(config: RunConfig, method: str, forward: int | None) -> d
     if forward is not None and method in _FORWARD_BATCHED and options.get("batch_size") is None:
         return {**options, "batch_size": forward}
     return options
+
+
+def cached_randomised(lm: LoadedModel) -> list[LoadedModel]:
+    """The MPRT copies of ``lm`` (one per checkpoint), made once per worker process."""
+    if id(lm) not in _RANDOMISED:
+        _RANDOMISED[id(lm)] = randomised_models(lm)
+    return _RANDOMISED[id(lm)]
 
 
 def cached_method(lm: LoadedModel, name: str, options: dict[str, Any]) -> CAMMethod:
@@ -270,8 +278,9 @@ def process_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int,
     # built (fx-traced) before the decoder threads start: nothing traces while they run
     cams = ({m: cached_method(lm, m, method_options_for(config, m, forward)) for m in methods}
             if make_maps else {})
-    randomised = ({m: randomised_methods(lm, m, method_options_for(config, m, forward))
-                   for m in methods} if score and "mprt" in config.metrics else {})
+    random_models = (cached_randomised(lm) if score and "mprt" in config.metrics else [])
+    randomised = {m: [cached_method(r, m, method_options_for(config, m, forward))
+                      for r in random_models] for m in methods}
     seconds = dict.fromkeys(methods, 0.0)
     rows: dict[str, list[MetricRow]] = {m: [] for m in methods}
     evaluations, explained = 0, 0
