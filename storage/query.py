@@ -59,14 +59,10 @@ class Run:
         img = g["images"]
         df = pd.DataFrame({k: img[k][:] for k in ("image_id", "label", "width", "height")})
         target, prob = img["target"][:], img["probability"][:]
+        _check_slot(dataset, model, slot, target.shape[1] if target.ndim == 2 else 1)
         if target.ndim == 2:
-            if not 0 <= slot < target.shape[1]:
-                raise StorageError(f"slot {slot} does not exist: {dataset}/{model} has "
-                                   f"classes 0..{target.shape[1] - 1} per image")
             df["targets"] = [[int(c) for c in row if c >= 0] for row in target]
             target, prob = target[:, slot], prob[:, slot]
-        elif slot != 0:
-            raise StorageError(f"{dataset}/{model} has one class per image; slot must be 0")
         df.insert(2, "target", target)
         df.insert(3, "probability", prob)
         status = self.store.shard_status(dataset, model)
@@ -100,16 +96,13 @@ class Run:
                                f"(it has {', '.join(ds.data_vars)})")
         da = ds[variable].assign_coords(image=images["image_id"].to_numpy(),
                                         label=("image", images["label"].to_numpy()))
+        if slot is not None:
+            _check_slot(dataset, model, slot, da.sizes.get("class", 1))
         if "class" in da.dims:
             _, g = self.store.table(dataset, model)
             da = da.assign_coords(target=(("image", "class"), g["images"]["target"][:]))
             if slot is not None:
-                if not 0 <= slot < da.sizes["class"]:
-                    raise StorageError(f"slot {slot} does not exist: {dataset}/{model} has "
-                                       f"classes 0..{da.sizes['class'] - 1} per image")
                 da = da.isel({"class": slot})
-        elif slot not in (None, 0):
-            raise StorageError(f"{dataset}/{model} has one class per image; slot must be 0")
         keep = np.ones(len(images), dtype=bool)
         if ids is not None:
             wanted = set(ids)
@@ -292,6 +285,15 @@ class Run:
         paths = loc.glob("summary-*.parquet") if name == "summary" else [
             loc.path("manifest.parquet")]
         return pa.concat_tables([pq.read_table(p, filesystem=loc.fs) for p in paths])
+
+
+def _check_slot(dataset: str, model: str, slot: int, n: int) -> None:
+    """``slot`` must be a class position of the table (0 .. n - 1; only 0 without class axis)."""
+    if n == 1 and slot != 0:
+        raise StorageError(f"{dataset}/{model} has one class per image; slot must be 0")
+    if not 0 <= slot < n:
+        raise StorageError(f"slot {slot} does not exist: {dataset}/{model} has classes "
+                           f"0..{n - 1} per image")
 
 
 _DUCKDB_TYPES = {"double": "DOUBLE", "string": "VARCHAR", "int32": "INTEGER", "int64": "BIGINT"}
