@@ -271,7 +271,7 @@ class TokenGame:
                  value: str = "probability", groups: torch.Tensor | None = None,
                  batch_size: int = 256, fast: bool = True) -> None:
         self.head, self.tokens, self.targets = head, tokens, targets
-        #: the exact class-token path (:class:`ClassTokenPath`) where the model allows it
+        #: the exact class-token path (:class:`ClassTokenPath`), where the model allows it
         self.fast = fast and has_class_token_path(head)
         self._paths: dict[int, ClassTokenPath] = {}
         self.value, self.batch_size = value, batch_size

@@ -25,7 +25,7 @@ from ..errors import ShapCAMError
 from ..heads import CellLinearEvaluator, CellLinearPlan, analyse_head
 from ..models import LoadedModel
 from ..shapley import ShapleyResult, block_groups, exact_shapley, permutation_shapley
-from ..tokens import TokenGame
+from ..tokens import TokenGame, has_class_token_path
 from .base import CAMMethod
 
 #: Default orders per image. On the eight bundled sample photos with MobileNetV2 (n = 49, plain
@@ -91,7 +91,7 @@ class FeatureMaskGame:
             return z
         flat = z.reshape(-1, z.shape[-1])
         with self._autocast():
-            out = torch.cat([rest(c) for c in flat.split(self.batch_size or 1024)])
+            out = torch.cat([rest(c) for c in flat.split(self.batch_size)])
         return out.view(*z.shape[:-1], out.shape[-1])
 
     @torch.no_grad()
@@ -278,25 +278,24 @@ class ShapCAM(CAMMethod):
             if self.baseline != "zero":
                 raise ShapCAMError("baseline='mean' has no meaning for tokens: an absent token "
                                    "is removed from attention; use the default")
-            game = TokenGame(self.head, features, targets, value=self.value, groups=groups,
-                             fast=self.fast_path == "auto")
-            game.batch_size = self.coalition_batch(game)
-            return game
+            fast = self.fast_path == "auto" and has_class_token_path(self.head)
+            return TokenGame(self.head, features, targets, value=self.value, groups=groups,
+                             fast=fast, batch_size=self.coalition_batch(fast, 4096))
         amp = self.device.type == "cuda" if self.amp == "auto" else bool(self.amp)
-        game = FeatureMaskGame(self.head, features, targets, self._baseline(features),
-                               value=self.value, groups=groups, plan=self.plan_for((C, h, w)),
-                               amp=amp)
-        game.batch_size = self.coalition_batch(game)
-        return game
+        plan = self.plan_for((C, h, w))
+        return FeatureMaskGame(self.head, features, targets, self._baseline(features),
+                               value=self.value, groups=groups, plan=plan, amp=amp,
+                               batch_size=self.coalition_batch(plan is not None, 1024))
 
-    def coalition_batch(self, game: FeatureMaskGame | TokenGame) -> int:
-        """Coalitions per head call: ``batch_size``, else 64 for a generic path on CPU, 4096
-        on the class-token path (a row is one token's MLP) and 1024 otherwise."""
+    def coalition_batch(self, fast: bool, fast_batch: int) -> int:
+        """Coalitions per head call: ``batch_size``, else ``fast_batch`` on a fast path (4096
+        on the class-token path, where a row is one token's MLP), 64 for a generic path on
+        CPU and 1024 on GPU."""
         if self.batch_size is not None:
             return int(self.batch_size)
-        if getattr(game, "fast", False):
-            return 4096
-        return 64 if game.plan is None and self.device.type == "cpu" else 1024
+        if fast:
+            return fast_batch
+        return 64 if self.device.type == "cpu" else 1024
 
     def estimate(self, game: FeatureMaskGame, seeds: Sequence[int]) -> ShapleyResult:
         if self.estimator == "exact":
