@@ -186,3 +186,41 @@ def test_swin_tokens_are_removed_from_attention_and_exact():
         GradCAM(swin, "layers.2.blocks.0")
     with pytest.raises(ShapCAMError, match="not one unshifted attention window"):
         GradCAM(tiny_swin(window=1))
+
+
+def test_a_token_with_zero_attention_weight_changes_nothing_when_masked():
+    """Literal form of "masking a token changes nothing when its attention weight is zero":
+    one block after the split, class-token pooling, queries scaled by 1e4 so the class token's
+    softmax gives exactly 0 (float32 underflow) to every key but each head's largest. Masking
+    the zero-weight tokens leaves the logits bit-equal (generic and class-token paths);
+    masking a weighted one does not."""
+    lm = tiny_vit("token")
+    blk = lm.model.blocks[1]
+    dim = blk.attn.qkv.in_features
+    with torch.no_grad():
+        blk.attn.qkv.weight[:dim] *= 1e4  # the query rows
+        blk.attn.qkv.bias[:dim] *= 1e4
+    cam = ShapCAM(lm)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        tokens = cam.trunk(x)  # (1, 5, D): class token + 4 patches
+        a = blk.attn
+        B, N, _ = tokens.shape
+        qkv = a.qkv(blk.norm1(tokens)).reshape(B, N, 3, a.num_heads, a.head_dim)
+        q, k = qkv.permute(2, 0, 3, 1, 4)[:2]
+        weights = ((a.q_norm(q) * a.scale) @ a.k_norm(k).transpose(-2, -1)).softmax(-1)
+        cls_weight = weights[0, :, 0, 1:]  # (heads, 4): the class token's query on the patches
+        zero = (cls_weight == 0).all(0)
+        assert 0 < int(zero.sum()) < 4, cls_weight  # some tokens weightless, some not
+        full = cam.head(tokens)
+        present = ~zero[None]
+        assert torch.equal(cam.head(tokens, present), full)
+        weighted = int(torch.nonzero(~zero)[0, 0])
+        drop = torch.ones(1, 4, dtype=torch.bool)
+        drop[0, weighted] = False
+        assert not torch.allclose(cam.head(tokens, drop), full, atol=1e-4)
+        game = cam.game(tokens, full.argmax(1))
+        assert game.fast  # the class-token path agrees: same value with or without them
+        both = torch.cat([torch.ones(1, 4, dtype=torch.bool), present])
+        v = game(torch.zeros(2, dtype=torch.long), both)
+        torch.testing.assert_close(v[0], v[1], atol=1e-6, rtol=0)
