@@ -9,7 +9,13 @@ it (one process each, model loading included), one after the other on an otherwi
 machine. The plain loop is timed at several compute batch sizes and the best one is the anchor;
 the flow runs with that batch size and the same number of threads, against one Prefect server
 started beforehand (its start-up is its own line); its time includes starting and stopping its
-local Dask cluster.
+local Dask cluster. Each row also reports the CPU seconds of the command's processes (the CLI,
+its Dask nanny and worker) and of the Prefect server while it ran: on a machine whose cores all
+compute, every CPU second outside the compute is taken from it.
+
+``--variants``: extra rows that take the flow's gap apart: ``plain-with-server`` (the plain loop
+while the idle Prefect server runs beside it), ``api-logs-off`` (the flow at 1 worker x N
+threads with ``PREFECT_LOGGING_TO_API_ENABLED=false``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -27,14 +34,40 @@ from pathlib import Path
 CLI = [sys.executable, "-c", "from flows.cli import app; app()"]
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float | None]:
-    """(wall seconds of the command, seconds of its task phase as `shapcam run` prints it)."""
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's finished children and their reaped
+    descendants."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def server_cpu() -> float:
+    """CPU seconds so far of the running Prefect server started by this process (0: none)."""
+    import psutil
+
+    total = 0.0
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "server" in p.cmdline():
+                t = p.cpu_times()
+                total += t.user + t.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float | None, float, float]:
+    """(wall seconds of the command, seconds of its task phase as `shapcam run` prints it,
+    CPU seconds of its processes, CPU seconds of the Prefect server meanwhile)."""
+    cpu, server = children_cpu(), server_cpu()
     t = time.perf_counter()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t
     if out.returncode:
         raise SystemExit(out.stdout[-3000:] + out.stderr[-3000:])
     found = re.search(r"^tasks: ([0-9.]+) s", out.stdout, re.MULTILINE)
-    return time.perf_counter() - t, float(found.group(1)) if found else None
+    return (wall, float(found.group(1)) if found else None, children_cpu() - cpu,
+            server_cpu() - server)
 
 
 _LAYER = r"""
@@ -87,6 +120,8 @@ def main() -> None:
     parser.add_argument("--shards", default="8,64,256", help="shard sizes, side by side")
     parser.add_argument("--layers", default="inprocess,dask",
                         help="pipeline layers without Prefect to time (empty: none)")
+    parser.add_argument("--variants", default="",
+                        help="extra rows: plain-with-server, api-logs-off (comma-separated)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
     from shapcam.data.sample_dataset import build_synthetic_dataset
@@ -101,13 +136,17 @@ def main() -> None:
            "DASK_LOGGING__DISTRIBUTED": "error"}
     common = ["--dataset", "imagenet", "--root", str(root), "--methods", "gradcam,shapcam",
               "--no-causal"]
+    variants = set(filter(None, args.variants.split(",")))
+    unknown = variants - {"plain-with-server", "api-logs-off"}
+    if unknown:
+        raise SystemExit(f"unknown --variants {sorted(unknown)}")
     plain = {}
     for b in (int(v) for v in args.batches.split(",")):
-        plain[b], _ = timed([*CLI, "evaluate", *common, "--batch-images", str(b), "--device",
-                             "cpu"], env)
-        print(f"shapcam evaluate --batch-images {b}: {plain[b]:.1f} s", flush=True)
-    best = min(plain, key=plain.get)
-    t_plain = plain[best]
+        plain[b] = timed([*CLI, "evaluate", *common, "--batch-images", str(b), "--device",
+                          "cpu"], env)
+        print(f"shapcam evaluate --batch-images {b}: {plain[b][0]:.1f} s", flush=True)
+    best = min(plain, key=lambda b: plain[b][0])
+    t_plain = plain[best][0]
     layers = {}
     for mode in filter(None, args.layers.split(",")):
         layers[mode] = layer(root, tmp / f"layer-{mode}", mode, args.threads, best, env)
@@ -117,42 +156,54 @@ def main() -> None:
     from flows.runtime import local_prefect_server, prefect_environment
 
     prefect_environment(tmp / "prefect")
-    runs: list[tuple[str, int, int, int]] = [
-        (f"1 worker x {threads} threads, shards of 64", 1, args.threads, 64),
-        ("1 worker x 1 thread, shards of 64", 1, 1, 64),
-        (f"{args.threads} workers x 1 thread, shards of 64", args.threads, 1, 64)]
-    runs += [(f"1 worker x {threads} threads, shards of {s}", 1, args.threads, int(s))
+    runs: list[tuple[str, int, int, int, dict[str, str]]] = [
+        (f"1 worker x {threads} threads, shards of 64", 1, args.threads, 64, {}),
+        ("1 worker x 1 thread, shards of 64", 1, 1, 64, {}),
+        (f"{args.threads} workers x 1 thread, shards of 64", args.threads, 1, 64, {})]
+    if "api-logs-off" in variants:
+        runs.append((f"1 worker x {threads} threads, shards of 64, "
+                     "PREFECT_LOGGING_TO_API_ENABLED=false", 1, args.threads, 64,
+                     {"PREFECT_LOGGING_TO_API_ENABLED": "false"}))
+    runs += [(f"1 worker x {threads} threads, shards of {s}", 1, args.threads, int(s), {})
              for s in args.shards.split(",") if int(s) != 64]
     t = time.perf_counter()
     timings = {}
     with local_prefect_server() as url:
         t_server = time.perf_counter() - t
+        if "plain-with-server" in variants:
+            label = f"shapcam evaluate --batch-images {best}, the idle Prefect server beside it"
+            timings[label] = timed([*CLI, "evaluate", *common, "--batch-images", str(best),
+                                    "--device", "cpu"], env)
+            print(f"{label}: {timings[label][0]:.1f} s", flush=True)
         env["PREFECT_API_URL"] = f"{url}/api"
-        for label, workers, n_threads, shard in runs:
-            timings[label] = timed([*CLI, "run", *common, "--store", str(tmp / "runs"),
-                                    "--run-id", re.sub(r"\W+", "-", label), "--shard-size",
-                                    str(shard), "--batch-images", str(best), "--workers",
-                                    str(workers), "--threads", str(n_threads)],
-                                   {**env, "OMP_NUM_THREADS": str(n_threads)})
-            print(f"shapcam run, {label}: {timings[label][0]:.1f} s", flush=True)
+        for label, workers, n_threads, shard, extra in runs:
+            timings[f"shapcam run, {label}"] = timed(
+                [*CLI, "run", *common, "--store", str(tmp / "runs"), "--run-id",
+                 re.sub(r"\W+", "-", label), "--shard-size", str(shard), "--batch-images",
+                 str(best), "--workers", str(workers), "--threads", str(n_threads)],
+                {**env, "OMP_NUM_THREADS": str(n_threads), **extra})
+            print(f"shapcam run, {label}: {timings[f'shapcam run, {label}'][0]:.1f} s",
+                  flush=True)
     rows = [f"{args.images} images, Grad-CAM + Shap-CAM, no deletion/insertion, "
             f"{os.cpu_count()} cores",
-            "", "| command | end to end s | ratio to the plain loop | task phase s |",
-            "|---|---|---|---|"]
+            "", "| command | end to end s | ratio to the plain loop | task phase s | "
+            "CPU s of its processes | CPU s of the Prefect server |",
+            "|---|---|---|---|---|---|"]
     rows += [f"| shapcam evaluate --batch-images {b} (plain loop, {threads} threads) | "
-             f"{s:.1f} | {s / t_plain:.2f}x{' (best)' if b == best else ''} | |"
-             for b, s in plain.items()]
-    for label, (secs, task_secs) in timings.items():
-        rows.append(f"| shapcam run, {label} | {secs:.1f} | **{secs / t_plain:.2f}x** | "
-                    f"{task_secs:.1f} |")
+             f"{s[0]:.1f} | {s[0] / t_plain:.2f}x{' (best)' if b == best else ''} | | "
+             f"{s[2]:.1f} | |" for b, s in plain.items()]
+    for label, (secs, task_secs, cpu, server) in timings.items():
+        phase = "" if task_secs is None else f"{task_secs:.1f}"
+        rows.append(f"| {label} | {secs:.1f} | **{secs / t_plain:.2f}x** | {phase} | "
+                    f"{cpu:.1f} | {server:.1f} |")
     labels = {"inprocess": "in one process", "dask": "on one local Dask worker"}
     rows += [f"| pipeline without Prefect, {labels[mode]} (shards of 64; work only) | | | "
-             f"{secs:.1f} |" for mode, secs in layers.items()]
-    one = timings["1 worker x 1 thread, shards of 64"]
-    two = timings[f"{args.threads} workers x 1 thread, shards of 64"]
+             f"{secs:.1f} | | |" for mode, secs in layers.items()]
+    one = timings["shapcam run, 1 worker x 1 thread, shards of 64"]
+    two = timings[f"shapcam run, {args.threads} workers x 1 thread, shards of 64"]
     rows.append(f"| {args.threads} workers vs 1 worker, 1 thread each (throughput) | | "
-                f"**{one[0] / two[0]:.2f}x** end to end | {one[1] / two[1]:.2f}x |")
-    rows.append(f"| Prefect server start (excluded above) | {t_server:.1f} | | |")
+                f"**{one[0] / two[0]:.2f}x** end to end | {one[1] / two[1]:.2f}x | | |")
+    rows.append(f"| Prefect server start (excluded above) | {t_server:.1f} | | | | |")
     print("\n".join(rows))
     if not args.keep:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -216,11 +217,12 @@ def run_flow(flow: Any, runner: Any, announce: Callable[[str], None] = print,
 
 def task_runner(dask_address: str | None, workers: int, threads: int, *,
                 device: str = "cpu", gpus: str | None = None,
-                resources: dict[str, float] | None = None) -> Any:
+                resources: dict[str, float] | None = None, tasks_per_gpu: int = 1) -> Any:
     """prefect-dask's runner: an existing scheduler, or a local cluster (:func:`local_cluster`):
     ``workers`` processes with ``threads`` torch threads each on CPU, one worker per GPU of
-    ``gpus`` (default: every visible GPU) with CUDA. Local workers declare ``resources`` (the
-    tasks' own: they run there by construction)."""
+    ``gpus`` (default: every visible GPU) with CUDA, running ``tasks_per_gpu`` tasks at once.
+    Local workers offer what their tasks ask for (``resources``, default per device), so the
+    tasks run there by construction."""
     import dask
     from prefect_dask import DaskTaskRunner
 
@@ -234,7 +236,8 @@ def task_runner(dask_address: str | None, workers: int, threads: int, *,
     devices = visible_gpus(gpus) if device.startswith("cuda") else None
     return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs={
         "n_workers": workers, "threads": threads, "devices": devices,
-        "resources": resources if resources is not None else device_resources(device)})
+        "resources": resources if resources is not None else device_resources(
+            device, tasks_per_gpu), "tasks_per_device": tasks_per_gpu})
 
 
 def visible_gpus(gpus: str | None = None) -> list[str]:
@@ -259,17 +262,21 @@ def visible_gpus(gpus: str | None = None) -> list[str]:
 
 def local_cluster(n_workers: int = DEFAULT_WORKERS, threads: int = 1,
                   devices: list[str] | None = None, resources: dict[str, float] | None = None,
-                  **kwargs: Any) -> Any:
-    """A local Dask cluster of worker processes (nannies), one task at a time each.
+                  tasks_per_device: int = 1, **kwargs: Any) -> Any:
+    """A local Dask cluster of worker processes (nannies), one task at a time each on CPU.
 
     With ``devices``: one worker per device, pinned to it with ``CUDA_VISIBLE_DEVICES`` (it
     sees one GPU, ``cuda:0``) and named ``gpu-<device>`` -- what dask-cuda's
-    ``LocalCUDACluster`` does, without its dependency. Every worker declares ``resources``.
+    ``LocalCUDACluster`` does, without its dependency -- with ``tasks_per_device`` threads,
+    declaring what that many tasks ask for together (``resources`` x ``tasks_per_device``:
+    ``GPU=1`` for tasks asking ``GPU=0.5`` two at a time). CPU workers declare ``resources``.
     """
     from distributed import Nanny, Scheduler, SpecCluster
     from distributed.system import MEMORY_LIMIT
 
     pins: list[str | None] = list(devices) if devices else [None] * n_workers
+    per_worker = tasks_per_device if devices else 1
+    offered = {k: v * per_worker for k, v in (resources or {}).items()}
     # One malloc arena: tasks run on a worker *thread*, whose own glibc arena (64 MB heaps,
     # unmapped when empty) defeats shapcam.cpu.tune_allocator and page-faults every batch in
     # again: the same shards took 51 s instead of 33 s on the 2-core VM (docs/benchmarks.md).
@@ -279,7 +286,7 @@ def local_cluster(n_workers: int = DEFAULT_WORKERS, threads: int = 1,
     for i, dev in enumerate(pins):
         env = base | ({"CUDA_VISIBLE_DEVICES": dev} if dev is not None else {})
         workers[f"gpu-{dev}" if dev is not None else f"cpu-{i}"] = {"cls": Nanny, "options": {
-            "nthreads": 1, "env": env, "resources": dict(resources or {}) or None,
+            "nthreads": per_worker, "env": env, "resources": offered or None,
             "memory_limit": MEMORY_LIMIT // len(pins), "host": "127.0.0.1"}}
     scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": ":0"}}
     return SpecCluster(workers=workers, scheduler=scheduler, name="shapcam-local", **kwargs)
@@ -318,15 +325,17 @@ def require_resources(resources: dict[str, float], wait: float, poll: float = 1.
         time.sleep(poll)
     if offering:
         return len(offering)
-    asked = ",".join(f"{k}={v}" for k, v in resources.items())
-    seen = sorted({",".join(f"{k}={v}" for k, v in (w.get("resources") or {}).items())
+    asked = ",".join(f"{k}={v:g}" for k, v in resources.items())
+    seen = sorted({",".join(f"{k}={v:g}" for k, v in (w.get("resources") or {}).items())
                    or "none" for w in workers})
+    name, amount = next(iter(resources.items()))
+    threads = f" --nthreads {round(1 / amount)}" if amount < 1 else ""
     raise ShapCAMError(
         f"no Dask worker offers the resource {asked} that every task asks for "
         f"({len(workers)} worker(s) connected after {wait:.0f} s, offering: "
         f"{'; '.join(seen) or 'nothing'}); start the workers with `dask worker ADDRESS "
-        f"--resources {asked.split(',')[0]}` (one per GPU), or ask for other resources with "
-        "--task-resources (none: no resource)")
+        f"--resources {name}={max(1, math.ceil(amount))}{threads}` (one per GPU), or ask for "
+        "other resources with --task-resources (none: no resource)")
 
 
 def artifact_key(*parts: str) -> str:

@@ -34,6 +34,6 @@ def scheduled_explain(config: dict[str, Any], store: str = "runs", run_id: str |
 
         install_offline_weights()
     runner = task_runner(dask_address, workers, cfg.threads or 1, device=cfg.device, gpus=gpus,
-                         resources=cfg.task_resources)
+                         resources=cfg.task_resources, tasks_per_gpu=cfg.tasks_per_gpu)
     return explain_dataset.with_options(task_runner=runner)(
         run_dir=run_dir_for(store, run_id), run_id=run_id, config=cfg.to_dict())

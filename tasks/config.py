@@ -62,9 +62,16 @@ def parse_settings(items: list[str] | None, methods: list[str] | tuple[str, ...]
     return per_method
 
 
-def device_resources(device: str) -> dict[str, float]:
-    """The Dask resources a task on ``device`` asks for by default: one GPU with CUDA."""
-    return {"GPU": 1} if device.startswith("cuda") else {}
+#: Shard tasks in flight per GPU by default: while one computes, the other decodes its images,
+#: writes its shard and reports to Prefect, so the GPU does not wait for those between shards.
+TASKS_PER_GPU = 2
+
+
+def device_resources(device: str, tasks_per_gpu: int = 1) -> dict[str, float]:
+    """The Dask resources a task on ``device`` asks for by default: with CUDA, a
+    ``1 / tasks_per_gpu`` share of one GPU (a worker offering ``GPU=1`` runs that many at
+    once when it has the threads)."""
+    return {"GPU": 1 / tasks_per_gpu} if device.startswith("cuda") else {}
 
 
 def parse_resources(text: str | None) -> dict[str, float] | None:
@@ -166,9 +173,11 @@ class RunConfig:
     threads: int | None = None  # torch threads per task; None: leave the process's setting
     batch_images: int | None = None  # images per compute batch; None: per device (8 / 64)
     decode_threads: int | None = None  # decoders ahead of the compute; None: per device
-    #: Dask resources each task asks for; None: ``GPU=1`` with CUDA, nothing on CPU.
+    #: Dask resources each task asks for; None: ``GPU=1/tasks_per_gpu`` with CUDA, nothing on
+    #: CPU.
     resources: dict[str, float] | None = None
     resource_wait: float = 60.0  # seconds to wait for a worker offering ``resources``
+    tasks_per_gpu: int = TASKS_PER_GPU  # shard tasks in flight per GPU (CUDA only)
     precision: str = "fp32"  # autocast of forwards/backwards: fp32 (exact), bf16, fp16
     channels_last: bool = False  # NHWC weights and inputs (cuDNN tensor cores)
     forward_batch: int | None = None  # images per forward of perturbations/metrics; None:
@@ -205,6 +214,8 @@ class RunConfig:
             raise ShapCAMError(f"--batch-images must be >= 1, got {self.batch_images}")
         check_precision(self.precision)
         TargetSpec.parse(self.target)  # an unknown --target is one line
+        if self.tasks_per_gpu < 1:
+            raise ShapCAMError(f"--tasks-per-gpu must be >= 1, got {self.tasks_per_gpu}")
         if self.forward_batch is not None and self.forward_batch < 1:
             raise ShapCAMError(f"--forward-batch must be >= 1, got {self.forward_batch}")
         if self.decode_threads is not None and self.decode_threads < 0:
@@ -275,10 +286,11 @@ class RunConfig:
 
     @property
     def task_resources(self) -> dict[str, float]:
-        """What each task asks of its Dask worker: ``resources``, else one GPU with CUDA."""
+        """What each task asks of its Dask worker: ``resources``, else a ``1/tasks_per_gpu``
+        share of one GPU with CUDA."""
         if self.resources is not None:
             return dict(self.resources)
-        return device_resources(self.device)
+        return device_resources(self.device, self.tasks_per_gpu)
 
     @property
     def target_spec(self) -> TargetSpec:

@@ -8,13 +8,15 @@ whose maps (metrics) are complete in the run folder is skipped, so re-running a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import socket
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -62,19 +64,74 @@ _METRIC_COLUMNS = ("image_id", "target", "label", "protocol", "y", "o", "avg_dro
 #: the lines appear on the flow-run page, also from Dask worker processes.
 log = logging.getLogger("tasks")
 log.setLevel(logging.INFO)  # Prefect attaches its API handler but leaves the level at WARNING
+
+
+class BuildsAlone:
+    """Builds run alone in the process; computes run together, never during a build.
+
+    ``torch.fx`` tracing (how a method splits its model) patches ``nn.Module.__call__`` for the
+    whole process while it runs, so a model run on another thread meanwhile (a second shard
+    task of the worker, or its image decoders) breaks the trace ("module is not installed as
+    a submodule") or is traced into it. A build waits for running computes to finish and
+    holds new ones back; it is reentrant on its own thread.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._computing = 0
+        self._builder: int | None = None
+        self._depth = 0
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def build(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            if self._builder != me:
+                self._waiting += 1
+                self._cond.wait_for(lambda: self._builder is None and not self._computing)
+                self._waiting -= 1
+                self._builder = me
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._depth -= 1
+                if not self._depth:
+                    self._builder = None
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def compute(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self._builder is None and not self._waiting)
+            self._computing += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._computing -= 1
+                self._cond.notify_all()
+
+
+_BUILDS = BuildsAlone()
 _MODELS: dict[tuple[str, str, str | None, str], LoadedModel] = {}
 _METHODS: dict[tuple[Any, ...], CAMMethod] = {}
 _RANDOMISED: dict[int, list[LoadedModel]] = {}  # MPRT copies per loaded model
 
 
 def cached_model(spec: ModelSpec, device: str, nhwc: bool = False) -> LoadedModel:
-    """Load a model once per worker process and reuse it across tasks (``nhwc``: in the
-    channels-last memory format)."""
-    key = (spec.name, spec.weights, spec.layer, device, nhwc)
+    """Load a model once per worker thread and reuse it across tasks (``nhwc``: in the
+    channels-last memory format). Per thread, so tasks running at once on one worker
+    (``--tasks-per-gpu``) share no model and no method built on it: the fallback split hooks
+    the model's modules for the length of a call."""
+    key = (spec.name, spec.weights, spec.layer, device, nhwc, threading.get_ident())
     if key not in _MODELS:
         if device.startswith("cpu"):
             tune_allocator()  # worker processes: keep freed activations for reuse
-        lm = load_model(spec.name, spec.weights, target_layer=spec.layer, device=device)
+        with _BUILDS.build():  # finding the default layer runs the model
+            lm = load_model(spec.name, spec.weights, target_layer=spec.layer, device=device)
         if nhwc:
             to_channels_last(lm.model)
         _MODELS[key] = lm
@@ -88,14 +145,17 @@ _FORWARD_BATCHED = ("rise", "scorecam")
 
 def forward_batch_for(lm: LoadedModel, config: RunConfig) -> int | None:
     """Images per forward of the perturbation methods and metrics: ``config.forward_batch``,
-    else measured from free memory on a GPU (once per worker), else None (4 on CPU)."""
+    else measured from free memory on a GPU (once per worker thread; the ``tasks_per_gpu``
+    tasks in flight share that memory), else None (4 on CPU)."""
     if config.forward_batch is not None:
         return config.forward_batch
     if lm.device.type != "cuda":
         return None
     key = (id(lm), config.precision)
     if key not in _GPU_BATCH:
-        _GPU_BATCH[key] = measured_gpu_batch(lm.model, lm.device, precision=config.precision)
+        with _BUILDS.build():  # a probe forward
+            measured = measured_gpu_batch(lm.model, lm.device, precision=config.precision)
+        _GPU_BATCH[key] = max(1, measured // config.tasks_per_gpu)
     return _GPU_BATCH[key]
 
 
@@ -109,14 +169,16 @@ def method_options_for(config: RunConfig, method: str, forward: int | None) -> d
 def cached_randomised(lm: LoadedModel) -> list[LoadedModel]:
     """The MPRT copies of ``lm`` (one per checkpoint), made once per worker process."""
     if id(lm) not in _RANDOMISED:
-        _RANDOMISED[id(lm)] = randomised_models(lm)
+        with _BUILDS.build():
+            _RANDOMISED[id(lm)] = randomised_models(lm)
     return _RANDOMISED[id(lm)]
 
 
 def cached_method(lm: LoadedModel, name: str, options: dict[str, Any]) -> CAMMethod:
     key = (id(lm), name, json.dumps(options, sort_keys=True))
     if key not in _METHODS:
-        _METHODS[key] = build_method(name, lm, options)
+        with _BUILDS.build():  # traces the model
+            _METHODS[key] = build_method(name, lm, options)
     return _METHODS[key]
 
 
@@ -248,7 +310,7 @@ def process_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int,
     if score and not (have_maps or make_maps):
         raise ShapCAMError(f"shard {shard} of {name} has no maps yet: run the explain step "
                            "(shapcam run with the same --run-id) first")
-    t0 = time.perf_counter()
+    t0, started_at = time.perf_counter(), time.time()
     _threads(config)
     lm = cached_model(model, config.device, config.channels_last)
     forward = forward_batch_for(lm, config)
@@ -275,7 +337,8 @@ def process_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int,
     else:
         stored_targets = g["images"]["target"][spec.shard_slice(shard)]
         stored_maps: dict[str, np.ndarray] = {}
-    # built (fx-traced) before the decoder threads start: nothing traces while they run
+    # built (fx-traced) before the compute and its decoder threads: nothing traces while
+    # they run (_BUILDS)
     cams = ({m: cached_method(lm, m, method_options_for(config, m, forward)) for m in methods}
             if make_maps else {})
     random_models = (cached_randomised(lm) if score and "mprt" in config.metrics else [])
@@ -286,69 +349,72 @@ def process_shard(run_dir: str, config: RunConfig, model: ModelSpec, shard: int,
     evaluations, explained = 0, 0
     batches = decoded_batches(recs, image_batch(config.device, config.batch_images),
                               decode_threads(config.device, config.decode_threads))
-    for batch in batches:
-        for d in batch:
-            if d.error is not None:
-                failures.setdefault(d.record.image_id, d.error)
-        good = [d for d in batch if d.record.image_id not in failures]
-        if not good:
-            continue
-        x = channels_last(stack(good, lm.device), config.channels_last)
-        if make_maps:
-            for d in good:
-                images["width"][d.index], images["height"][d.index] = d.size
-                b = d.record.boxes_of(d.record.label)[:16]
-                images["boxes"][d.index, : len(b)] = b
-            slots, bad = target_slots(config.target_spec, lm, [d.record for d in good], x,
-                                      config.precision)
-            for i, why in bad:  # e.g. --target present on an image without annotation
-                failures.setdefault(good[i].record.image_id, why)
-            slots = [(j, pos, t) for j, (pos, t) in enumerate(slots)]
-        else:  # the classes the stored maps explain
-            slots = stored_slots(stored_targets[[d.index for d in good]], lm.device)
-        explained += len(good)
-        for j, pos, slot_targets in slots:
-            sub = [good[i] for i in pos]
-            at = ([d.index for d in sub], j) if T else ([d.index for d in sub],)
-            x_j = x if len(sub) == len(good) else x[pos]
-            examples = [(d.record, d.boxes) for d in sub]
-            for m in methods:
-                kwargs = method_call_options(m, config.seed, [d.record.image_id for d in sub])
-                if make_maps:
-                    t = time.perf_counter()
-                    with autocast(lm.device, config.precision):
-                        result = cams[m](x_j, slot_targets, **kwargs)
-                    _synchronize(lm.device)
-                    seconds[m] += time.perf_counter() - t
-                    arrays = out[m]
-                    arrays["maps"][at] = result.maps.half().cpu().numpy()
-                    arrays["raw"][at] = result.raw.float().cpu().numpy()
-                    if "stderr" in arrays:
-                        arrays["stderr"][at] = result.extras["stderr"].float().cpu().numpy()
-                        evaluations += int(result.extras["evaluations"].sum())
-                    images["target"][at] = result.targets.cpu().numpy()
-                    images["probability"][at] = result.probabilities.float().cpu().numpy()
-                    maps, targets = stored_precision(result.maps), result.targets
-                elif score:
-                    if m not in stored_maps:  # once per shard and method
-                        stored_maps[m] = store.read_shard(dataset, name, m, shard)
-                    maps = torch.from_numpy(stored_maps[m][at].astype(np.float32)).to(lm.device)
-                    targets = slot_targets
-                if score:
-                    with autocast(lm.device, config.precision):
-                        random_maps = randomised_maps(randomised.get(m, []), x_j, targets,
-                                                      kwargs)
-                        rows[m] += score_maps(lm.model, x_j, maps, targets, examples, m,
-                                              config.protocol, config.causal_pixels, math.nan,
-                                              seed=config.seed, pg_class=config.pg_class,
-                                              batch_size=forward, metrics=config.metrics,
-                                              randomised=random_maps)
+    with _BUILDS.compute(), contextlib.closing(batches):
+        for batch in batches:
+            for d in batch:
+                if d.error is not None:
+                    failures.setdefault(d.record.image_id, d.error)
+            good = [d for d in batch if d.record.image_id not in failures]
+            if not good:
+                continue
+            x = channels_last(stack(good, lm.device), config.channels_last)
+            if make_maps:
+                for d in good:
+                    images["width"][d.index], images["height"][d.index] = d.size
+                    b = d.record.boxes_of(d.record.label)[:16]
+                    images["boxes"][d.index, : len(b)] = b
+                slots, bad = target_slots(config.target_spec, lm, [d.record for d in good], x,
+                                          config.precision)
+                for i, why in bad:  # e.g. --target present on an image without annotation
+                    failures.setdefault(good[i].record.image_id, why)
+                slots = [(j, pos, t) for j, (pos, t) in enumerate(slots)]
+            else:  # the classes the stored maps explain
+                slots = stored_slots(stored_targets[[d.index for d in good]], lm.device)
+            explained += len(good)
+            for j, pos, slot_targets in slots:
+                sub = [good[i] for i in pos]
+                at = ([d.index for d in sub], j) if T else ([d.index for d in sub],)
+                x_j = x if len(sub) == len(good) else x[pos]
+                examples = [(d.record, d.boxes) for d in sub]
+                for m in methods:
+                    kwargs = method_call_options(m, config.seed, [d.record.image_id for d in sub])
+                    if make_maps:
+                        t = time.perf_counter()
+                        with autocast(lm.device, config.precision):
+                            result = cams[m](x_j, slot_targets, **kwargs)
+                        _synchronize(lm.device)
+                        seconds[m] += time.perf_counter() - t
+                        arrays = out[m]
+                        arrays["maps"][at] = result.maps.half().cpu().numpy()
+                        arrays["raw"][at] = result.raw.float().cpu().numpy()
+                        if "stderr" in arrays:
+                            arrays["stderr"][at] = result.extras["stderr"].float().cpu().numpy()
+                            evaluations += int(result.extras["evaluations"].sum())
+                        images["target"][at] = result.targets.cpu().numpy()
+                        images["probability"][at] = result.probabilities.float().cpu().numpy()
+                        maps, targets = stored_precision(result.maps), result.targets
+                    elif score:
+                        if m not in stored_maps:  # once per shard and method
+                            stored_maps[m] = store.read_shard(dataset, name, m, shard)
+                        maps = torch.from_numpy(stored_maps[m][at].astype(np.float32)
+                                                ).to(lm.device)
+                        targets = slot_targets
+                    if score:
+                        with autocast(lm.device, config.precision):
+                            random_maps = randomised_maps(randomised.get(m, []), x_j, targets,
+                                                          kwargs)
+                            rows[m] += score_maps(lm.model, x_j, maps, targets, examples, m,
+                                                  config.protocol, config.causal_pixels, math.nan,
+                                                  seed=config.seed, pg_class=config.pg_class,
+                                                  batch_size=forward, metrics=config.metrics,
+                                                  randomised=random_maps)
     per_image = ({m: t / explained for m, t in seconds.items()} if make_maps and explained
                  else shard_record.get("seconds", {}))
     if make_maps:
         store.write_shard(dataset, name, shard, images, out, record={
             "failures": failures, "seconds": per_image, "shapcam_evaluations": evaluations,
-            "wall_seconds": time.perf_counter() - t0, "worker": worker_identity(),
+            "started_at": started_at, "wall_seconds": time.perf_counter() - t0,
+            "worker": worker_identity(), "thread": threading.current_thread().name,
             "forward_batch": forward, "batch_images": image_batch(config.device,
                                                                   config.batch_images),
             "rss_bytes": psutil.Process().memory_info().rss})

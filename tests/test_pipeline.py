@@ -158,3 +158,44 @@ def test_damage_is_found_and_repair_recomputes_exactly_those_shards(mobilenet, t
     after = open_run(run_dir).metrics().sort_values(["method", "image_id"])
     assert after["avg_drop"].tolist() == pytest.approx(before["avg_drop"].tolist(), rel=1e-6)
     assert CliRunner().invoke(app, ["verify", str(run_dir)]).exit_code == 0
+
+
+def test_builds_run_alone_and_computes_together():
+    """torch.fx tracing patches nn.Module.__call__ process-wide: a build waits for running
+    computes and holds new ones back (two shard tasks of one worker, their decoders)."""
+    import threading
+    import time
+
+    from tasks.pipeline import BuildsAlone
+
+    lock, events = BuildsAlone(), []
+    with lock.compute(), lock.compute():  # computes share
+        pass
+    inside, release = threading.Event(), threading.Event()
+
+    def compute(name: str) -> None:
+        with lock.compute():
+            events.append(f"{name} in")
+            inside.set()
+            release.wait(10)
+            events.append(f"{name} out")
+
+    def build() -> None:
+        with lock.build(), lock.build():  # reentrant on its thread
+            events.append("build")
+
+    first = threading.Thread(target=compute, args=("a",))
+    first.start()
+    assert inside.wait(10)
+    builder = threading.Thread(target=build)
+    builder.start()
+    time.sleep(0.3)
+    inside.clear()
+    late = threading.Thread(target=compute, args=("b",))  # arrives while the build waits
+    late.start()
+    time.sleep(0.3)
+    assert events == ["a in"]  # the build waits for a; b waits for the build
+    release.set()
+    for t in (first, builder, late):
+        t.join(10)
+    assert events == ["a in", "a out", "build", "b in", "b out"]

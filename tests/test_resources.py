@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from flows.runtime import local_cluster, visible_gpus
@@ -36,6 +37,12 @@ def test_local_gpu_cluster_pins_one_worker_per_device():
         seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
         names = {a: w["name"] for a, w in info.items()}
         assert {names[a]: v for a, v in seen.items()} == {"gpu-0": "0", "gpu-1": "1"}
+    # two tasks per GPU: each asks for half of it, the worker has the threads and offers one
+    with local_cluster(devices=["0"], resources={"GPU": 0.5}, tasks_per_device=2) as cluster, \
+            Client(cluster) as client:
+        client.wait_for_workers(1, timeout=60)
+        (w,) = client.scheduler_info(n_workers=-1)["workers"].values()
+        assert w["resources"] == {"GPU": 1} and w["nthreads"] == 2
 
 
 def test_gpu_selection_and_resource_parsing():
@@ -52,7 +59,10 @@ def test_gpu_selection_and_resource_parsing():
     for bad in ("GPU", "GPU=0", "=1", "GPU=x"):
         with pytest.raises(ShapCAMError, match="NAME=AMOUNT"):
             parse_resources(bad)
-    assert RunConfig(device="cuda").task_resources == {"GPU": 1}
+    assert RunConfig(device="cuda").task_resources == {"GPU": 0.5}  # two tasks per GPU
+    assert RunConfig(device="cuda", tasks_per_gpu=1).task_resources == {"GPU": 1}
+    with pytest.raises(ShapCAMError, match="--tasks-per-gpu must be >= 1, got 0"):
+        RunConfig(device="cuda", tasks_per_gpu=0)
     assert RunConfig(device="cpu").task_resources == {}
     assert RunConfig(device="cuda", resources={}).task_resources == {}
 
@@ -89,10 +99,10 @@ def scheduler(tmp_path):
                               stderr=subprocess.DEVNULL, start_new_session=True)]
     address = _wait_for_port(tmp_path / "scheduler.json")
 
-    def start_worker(*extra: str) -> None:
+    def start_worker(*extra: str, nthreads: int = 1) -> None:
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers", "1",
-             "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard", *extra],
+             "--nthreads", str(nthreads), "--host", "127.0.0.1", "--no-dashboard", *extra],
             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True))
 
@@ -115,20 +125,42 @@ def _wait_workers(address: str, n: int) -> list[str]:
 
 @pytest.mark.real_weights
 def test_two_external_gpu_workers_share_a_run(mobilenet, scheduler, tmp_path):
+    """The documented recipe: `dask worker --resources GPU=1 --nthreads 2` per GPU, tasks
+    asking for GPU=0.5 (what `--device cuda` asks by default, two shard tasks per GPU): both
+    workers compute, two tasks overlap on one worker, and the maps are those of a plain
+    Grad-CAM (tasks in flight together share no model or method)."""
     address, start_worker = scheduler
-    start_worker("--resources", "GPU=1")
-    start_worker("--resources", "GPU=1")
+    start_worker("--resources", "GPU=1", nthreads=2)
+    start_worker("--resources", "GPU=1", nthreads=2)
     workers = _wait_workers(address, 2)
     out = subprocess.run([*CLI, "run", "--root", str(tmp_path / "data"), "--store",
                           str(tmp_path / "runs"), "--run-id", "ext", "--methods", "gradcam",
                           "--no-causal", "--shard-size", "1", "--dask-address", address,
-                          "--task-resources", "GPU=1"], cwd=tmp_path, env=_env(tmp_path),
+                          "--task-resources", "GPU=0.5"], cwd=tmp_path, env=_env(tmp_path),
                          capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     st = SaliencyStore(tmp_path / "runs" / "ext")
-    ran_on = [st.shard_record("sample", "mobilenet_v2", k)["worker"] for k in range(6)]
-    assert set(ran_on) == set(workers), ran_on  # both workers computed shards
-    assert len(open_run(tmp_path / "runs" / "ext").metrics()) == 6
+    shards = [st.shard_record("sample", "mobilenet_v2", k) for k in range(6)]
+    assert {s["worker"] for s in shards} == set(workers), shards  # both workers computed
+    overlapping = [(a, b) for i, a in enumerate(shards) for b in shards[i + 1:]
+                   if a["worker"] == b["worker"] and a["thread"] != b["thread"]
+                   and a["started_at"] < b["started_at"] + b["wall_seconds"]
+                   and b["started_at"] < a["started_at"] + a["wall_seconds"]]
+    assert overlapping, shards  # two tasks at once on one worker
+    run = open_run(tmp_path / "runs" / "ext")
+    assert len(run.metrics()) == 6
+    from shapcam import GradCAM
+    from shapcam.data import open_dataset
+    from shapcam.images import load_batch
+
+    maps = run.maps("sample", "mobilenet_v2", "gradcam")
+    records = open_dataset("sample", tmp_path / "data")
+    assert len(records) == 6
+    for rec in records:
+        x, _ = load_batch([rec.path])
+        want = GradCAM(mobilenet)(x).maps[0].half().numpy()
+        np.testing.assert_allclose(maps.sel(image=rec.image_id).values.astype(np.float32),
+                                   want.astype(np.float32), atol=2e-3)
 
 
 @pytest.mark.real_weights

@@ -85,10 +85,14 @@ RUN_OPTIONS: list[tuple[str, Any, Any]] = [
     ("gpus", Annotated[str | None, typer.Option(
         help="With --device cuda and no --dask-address: the GPUs of the local cluster, one "
              "worker each (e.g. 0,1; default: every visible GPU).")], None),
+    ("tasks_per_gpu", Annotated[int, typer.Option(
+        help="With --device cuda: shard tasks in flight per GPU; each asks for GPU=1/N, so "
+             "one computes while another decodes, writes and reports (1 on small cards: "
+             "each task holds a shard's batch).")], _D.tasks_per_gpu),
     ("task_resources", Annotated[str | None, typer.Option(
-        help="Dask resources each task asks for, NAME=AMOUNT[,...] or none (default: GPU=1 "
-             "with --device cuda, none on CPU); local workers declare them.",
-        show_default=False)], None),
+        help="Dask resources each task asks for, NAME=AMOUNT[,...] or none (default: "
+             "GPU=1/--tasks-per-gpu with --device cuda, none on CPU); local workers offer "
+             "them.", show_default=False)], None),
     ("resource_wait", Annotated[float, typer.Option(
         help="Seconds to wait for a Dask worker offering the tasks' resources before failing."
     )], _D.resource_wait),
@@ -130,7 +134,7 @@ def runner_for(config: RunConfig, options: dict[str, Any]) -> Any:
     resources."""
     return task_runner(options["dask_address"], options["workers"], options["threads"],
                        device=config.device, gpus=options["gpus"],
-                       resources=config.task_resources)
+                       resources=config.task_resources, tasks_per_gpu=config.tasks_per_gpu)
 
 
 def _store(store: str) -> str:
@@ -369,7 +373,7 @@ def evaluate_store(
         stored = RunConfig.from_dict(attrs["config"])
         preflight(stored, dask_address)
     runner = task_runner(dask_address, workers, 1, device=stored.device,
-                         resources=stored.task_resources)
+                         resources=stored.task_resources, tasks_per_gpu=stored.tasks_per_gpu)
     with user_errors(resume=lambda: "run the same command again to finish"):
         result = run_flow(evaluate_store_flow, runner,
                           typer.echo, run_dir=_store(run_dir), run_id=run_id,
