@@ -167,7 +167,7 @@ def method_options_for(config: RunConfig, method: str, forward: int | None) -> d
 
 
 def cached_randomised(lm: LoadedModel) -> list[LoadedModel]:
-    """The MPRT copies of ``lm`` (one per checkpoint), made once per worker process."""
+    """The MPRT copies of ``lm`` (one per checkpoint), made once per loaded model."""
     if id(lm) not in _RANDOMISED:
         with _BUILDS.build():
             _RANDOMISED[id(lm)] = randomised_models(lm)

@@ -20,6 +20,35 @@ def test_the_projection_is_the_line_through_the_two_points():
     assert _linear(1.0, 0.9, 4, 12, 8000) == pytest.approx(0.9 / 12 * 8000)
 
 
+def test_calibration_points_move_up_out_of_the_noise(tiny, monkeypatch):
+    """Timings under NOISE_SECONDS are not trusted: the upper point moves up (x4) until it
+    stands out, or until it is the configured value, which is then timed itself."""
+    import shapcam.cost as cost
+
+    lm = LoadedModel(tiny, "tiny", "random", "features", [str(i) for i in range(5)])
+    x = torch.randn(1, 3, 64, 64)
+    asked: list[int] = []
+
+    def cheap(_lm, method, options, _x):  # 1 ms per order, 0.05 s for the rest
+        if method != "shapcam":
+            return 0.05
+        asked.append(options["permutations"])
+        return 0.001 * options["permutations"]
+
+    monkeypatch.setattr(cost, "_method_seconds", cheap)
+    (c,) = calibrate(lm, ["shapcam"], {}, None, "scorecam", x)
+    assert asked == [8, 64, 256] and c.map_seconds == pytest.approx(0.512)
+    asked.clear()
+
+    def noisy(_lm, method, options, _x):  # flat noise until the configured 512 orders
+        asked.append(options["permutations"])
+        return 0.146 if options["permutations"] == 512 else 0.05
+
+    monkeypatch.setattr(cost, "_method_seconds", noisy)
+    (c,) = calibrate(lm, ["shapcam"], {}, None, "scorecam", x)
+    assert asked == [8, 64, 256, 512] and c.map_seconds == pytest.approx(0.146)
+
+
 def test_passes_per_image_name_every_pass():
     assert passes("rise", {"n_masks": 2000}, 1280, 49, None) == \
         "1 + 2000 forwards; 2 forwards (Average Drop)"
