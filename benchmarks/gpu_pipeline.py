@@ -31,17 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_cost import cost_check
-
-REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-c", "from flows.cli import app; app()"]
-
-
-def shapcam(*args: str, env: dict[str, str]) -> str:
-    out = subprocess.run([*CLI, *args], cwd=REPO, env=env, capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(out.stdout[-3000:] + out.stderr[-3000:])
-    return out.stdout
+from bench_cost import REPO, cost_check, shapcam
 
 
 def task_seconds(stdout: str) -> float:
