@@ -4,8 +4,9 @@ this machine from a short calibration (``shapcam run --dry-run``).
 Every method's cost is linear in one knob (RISE: masks; Score-CAM: channels; Mask: iterations;
 Shap-CAM: orders; deletion/insertion: steps). The calibration runs the real method on a few
 images at two small values of its knob (moved up while they time in the noise), fits
-``seconds = a + b * knob`` and evaluates it at the configured value, so fast paths, batching and the device are in the figure. Grad-CAM,
-Grad-CAM++ and the Average Drop forwards are timed as they are.
+``seconds = a + b * knob`` and evaluates it at the configured value, so fast paths, batching
+and the device are in the figure. Grad-CAM, Grad-CAM++ and the Average Drop forwards are timed
+as they are.
 """
 
 from __future__ import annotations
