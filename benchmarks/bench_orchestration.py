@@ -140,10 +140,12 @@ def main() -> None:
     unknown = variants - {"plain-with-server", "api-logs-off"}
     if unknown:
         raise SystemExit(f"unknown --variants {sorted(unknown)}")
+    def plain_loop(batch: int) -> list[str]:
+        return [*CLI, "evaluate", *common, "--batch-images", str(batch), "--device", "cpu"]
+
     plain = {}
     for b in (int(v) for v in args.batches.split(",")):
-        plain[b] = timed([*CLI, "evaluate", *common, "--batch-images", str(b), "--device",
-                          "cpu"], env)
+        plain[b] = timed(plain_loop(b), env)
         print(f"shapcam evaluate --batch-images {b}: {plain[b][0]:.1f} s", flush=True)
     best = min(plain, key=lambda b: plain[b][0])
     t_plain = plain[best][0]
@@ -172,8 +174,7 @@ def main() -> None:
         t_server = time.perf_counter() - t
         if "plain-with-server" in variants:
             label = f"shapcam evaluate --batch-images {best}, the idle Prefect server beside it"
-            timings[label] = timed([*CLI, "evaluate", *common, "--batch-images", str(best),
-                                    "--device", "cpu"], env)
+            timings[label] = timed(plain_loop(best), env)
             print(f"{label}: {timings[label][0]:.1f} s", flush=True)
         env["PREFECT_API_URL"] = f"{url}/api"
         for label, workers, n_threads, shard, extra in runs:

@@ -116,7 +116,7 @@ class BuildsAlone:
 
 
 _BUILDS = BuildsAlone()
-_MODELS: dict[tuple[str, str, str | None, str], LoadedModel] = {}
+_MODELS: dict[tuple[Any, ...], LoadedModel] = {}  # per (spec, device, layout, thread)
 _METHODS: dict[tuple[Any, ...], CAMMethod] = {}
 _RANDOMISED: dict[int, list[LoadedModel]] = {}  # MPRT copies per loaded model
 
