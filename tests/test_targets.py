@@ -93,7 +93,7 @@ def test_cli_evaluate_topk(tmp_path):
 def test_pipeline_topk_store_has_a_class_axis_equal_to_the_plain_loop(tmp_path):
     """Maps written per (image, class) slot, metrics read back from them (the evaluate step
     reads the store), the query API selecting by slot, all equal to the plain loop."""
-    from test_pipeline import config_for, run_all
+    from test_pipeline import assert_float16_of, config_for, run_all
 
     from shapcam.data import draw_records, open_dataset
     from storage import SaliencyStore, open_run
@@ -121,8 +121,8 @@ def test_pipeline_topk_store_has_a_class_axis_equal_to_the_plain_loop(tmp_path):
         classes = images.loc[images["image_id"] == rec.image_id, "targets"].iloc[0]
         assert classes == [r.target for r in plain if r.image_id == rec.image_id]
         x, _ = load_batch([rec.path])
-        want = GradCAM(lm_for(model))(x, torch.tensor([classes[1]])).maps[0].half().numpy()
-        np.testing.assert_array_equal(second.sel(image=rec.image_id).values, want)
+        want = GradCAM(lm_for(model))(x, torch.tensor([classes[1]])).maps[0].numpy()
+        assert_float16_of(second.sel(image=rec.image_id).values, want)
     from dashboards import data  # the dashboard's image table and panel, class 2 of 2
 
     assert data.class_slots(run, "sample", "timm:test_resnet") == 2
