@@ -20,6 +20,7 @@ from the store.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import threading
 import time
@@ -296,11 +297,10 @@ def run_batches(job: ShardJob, source: MapSource, scorer: Scorer | None) -> None
         for good, x in good_batches(job):
             slots = source.slots(good, x)
             job.explained += len(good)
-            for slot in slots:
-                for m in job.config.methods:
-                    maps, targets = source.maps(slot, m)
-                    if scorer is not None:
-                        scorer.add(slot, m, maps, targets)
+            for slot, m in itertools.product(slots, job.config.methods):
+                maps, targets = source.maps(slot, m)
+                if scorer is not None:
+                    scorer.add(slot, m, maps, targets)
 
 
 def open_job(run_dir: str, config: RunConfig, model: ModelSpec, shard: int,

@@ -1,7 +1,8 @@
 """The ``shapcam`` command: one Typer app, one module per family of commands.
 
 - :mod:`.explain`: ``explain``, ``evaluate``, ``demo``, ``setup`` (one process, no Prefect);
-- :mod:`.runs`: ``run``, ``serve``, ``evaluate-store``, ``report``, ``query`` (dataset runs);
+- :mod:`.runs`: ``run``, ``serve`` (dataset runs);
+- :mod:`.stored`: ``verify``, ``evaluate-store``, ``report``, ``query`` (over a stored run);
 - :mod:`.training`: ``distill``, ``finetune-voc``;
 - :mod:`.dashboard`: ``dashboard``.
 
@@ -32,6 +33,6 @@ def _main() -> None:
     tune_allocator()  # many large short-lived tensors: see shapcam.cpu
 
 
-from . import dashboard, explain, runs, training  # noqa: E402 - they register on `app`
+from . import dashboard, explain, runs, stored, training  # noqa: E402 - they register on `app`
 
-__all__ = ["app", "dashboard", "explain", "runs", "training"]
+__all__ = ["app", "dashboard", "explain", "runs", "stored", "training"]
