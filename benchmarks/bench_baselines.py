@@ -18,10 +18,10 @@ import time
 import torch
 
 from shapcam import RISE, ScoreCAM, load_model
-from shapcam.images import load_batch
-from shapcam.metrics import confidence_metrics, deletion_insertion, energy_pointing_game
-from shapcam.photos import bundled_photo
-from shapcam.weights import install_offline_weights
+from shapcam.data.images import load_batch
+from shapcam.data.photos import bundled_photo
+from shapcam.evaluation.metrics import confidence_metrics, deletion_insertion, energy_pointing_game
+from shapcam.zoo.weights import install_offline_weights
 
 
 def clock(fn) -> float:

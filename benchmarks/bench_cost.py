@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     from shapcam.data.sample_dataset import build_synthetic_dataset
-    from shapcam.weights import install_offline_weights
+    from shapcam.zoo.weights import install_offline_weights
 
     install_offline_weights()
     tmp = Path(tempfile.mkdtemp(prefix="shapcam-cost-"))

@@ -22,7 +22,7 @@ import numpy as np
 from bench_storage import cam_like
 
 from dashboards import data
-from shapcam.photos import bundled_photo
+from shapcam.data.photos import bundled_photo
 from storage import (
     Run,
     SaliencyStore,

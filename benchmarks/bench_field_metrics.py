@@ -24,15 +24,15 @@ from bench_baselines import clock  # noqa: E402 - one timed call
 from bench_shapcam import timed  # noqa: E402 - the benchmarks' shared timer
 
 from shapcam import build_method, load_model  # noqa: E402
-from shapcam.evaluate import (  # noqa: E402
+from shapcam.data.images import load_batch  # noqa: E402
+from shapcam.data.photos import bundled_photo_paths  # noqa: E402
+from shapcam.evaluation.evaluate import (  # noqa: E402
     randomised_maps,
     randomised_methods,
     randomised_models,
     stored_precision,
 )
-from shapcam.field_metrics import FIELD_METRICS, field_scores  # noqa: E402
-from shapcam.images import load_batch  # noqa: E402
-from shapcam.photos import bundled_photo_paths  # noqa: E402
+from shapcam.evaluation.field_metrics import FIELD_METRICS, field_scores  # noqa: E402
 
 
 def metric_seconds(lm, name: str, metric: str, x, maps, targets, boxes) -> float:

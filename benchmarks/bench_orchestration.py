@@ -72,7 +72,7 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float | None, flo
 
 _LAYER = r"""
 import json, sys, time, torch
-from shapcam.cpu import tune_allocator
+from shapcam.runtime.cpu import tune_allocator
 from tasks.config import RunConfig
 from tasks.pipeline import plan_run, process_shard
 tune_allocator()

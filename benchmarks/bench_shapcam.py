@@ -30,9 +30,9 @@ from collections.abc import Callable
 import torch
 
 from shapcam import ShapCAM, load_model
-from shapcam.images import load_batch
-from shapcam.photos import bundled_photo_paths
-from shapcam.weights import install_offline_weights
+from shapcam.data.images import load_batch
+from shapcam.data.photos import bundled_photo_paths
+from shapcam.zoo.weights import install_offline_weights
 
 
 def timed(fn: Callable[[], object], repeat: int = 1) -> float:

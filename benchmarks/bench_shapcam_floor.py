@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_shapcam import timed  # noqa: E402 - the benchmarks' shared timer
 
 from shapcam import ShapCAM, load_model  # noqa: E402
-from shapcam.images import load_batch  # noqa: E402
-from shapcam.photos import bundled_photo_paths  # noqa: E402
-from shapcam.split import split_model  # noqa: E402
+from shapcam.data.images import load_batch  # noqa: E402
+from shapcam.data.photos import bundled_photo_paths  # noqa: E402
+from shapcam.zoo.split import split_model  # noqa: E402
 
 
 def floor(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

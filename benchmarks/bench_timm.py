@@ -12,7 +12,7 @@ the same value function: a ``(1, n)`` input of ones whose entries it sets to the
 turned into the coalition and handed to the same head; its ``n_samples`` is our ``K``. Both
 cost linearly in ``K``: the table reports measured seconds at two ``K`` and the projection to
 the default ``K = 512`` (linear through the two), with and without ``block=2`` for the ViT. On
-the ViT, ours is the exact class-token path (``shapcam.tokens.ClassTokenPath``) and captum is
+the ViT, ours is the exact class-token path (``shapcam.zoo.tokens.ClassTokenPath``) and captum is
 handed the same value function; the generic path (the last block on the whole sequence per
 coalition, ``fast_path="off"``) is timed at ``K = 1`` and multiplied by 512.
 """

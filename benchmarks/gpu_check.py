@@ -17,9 +17,9 @@ import time
 import torch
 
 from shapcam import ShapCAM, load_model
-from shapcam.images import load_batch
-from shapcam.photos import bundled_photo_paths
-from shapcam.weights import hub_checkpoint_path
+from shapcam.data.images import load_batch
+from shapcam.data.photos import bundled_photo_paths
+from shapcam.zoo.weights import hub_checkpoint_path
 
 
 def sync() -> None:

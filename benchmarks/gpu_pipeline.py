@@ -41,7 +41,7 @@ def task_seconds(stdout: str) -> float:
 def floor_images_per_second(model: str, weights: str, x: torch.Tensor) -> float:
     """Grad-CAM + Shap-CAM + Average Drop as plain batched calls on pre-decoded tensors."""
     from shapcam import build_method, load_model
-    from shapcam.metrics import confidence_metrics
+    from shapcam.evaluation.metrics import confidence_metrics
 
     lm = load_model(model, weights, device="cuda")
     gradcam, shap = build_method("gradcam", lm), build_method("shapcam", lm)
@@ -69,7 +69,7 @@ def main() -> None:
     from shapcam.data import open_dataset
     from shapcam.data.sample_dataset import build_synthetic_dataset
     from shapcam.data.stream import decoded_batches
-    from shapcam.weights import install_offline_weights
+    from shapcam.zoo.weights import install_offline_weights
 
     install_offline_weights()
     card = torch.cuda.get_device_name(0)

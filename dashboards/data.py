@@ -45,7 +45,8 @@ def metric_choices(table: pd.DataFrame) -> list[str]:
     return [*PAPER_METRICS, *(k for k in METRICS if k not in PAPER_METRICS and computed(k))]
 
 
-#: Summary rows that are image counts, not metric values (shapcam.evaluate.POINTING_COUNTS).
+#: Summary rows that are image counts, not metric values
+#: (shapcam.evaluation.evaluate.POINTING_COUNTS).
 COUNT_ROWS = "Pointing game:"
 
 

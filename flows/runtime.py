@@ -278,7 +278,7 @@ def local_cluster(n_workers: int = DEFAULT_WORKERS, threads: int = 1,
     per_worker = tasks_per_device if devices else 1
     offered = {k: v * per_worker for k, v in (resources or {}).items()}
     # One malloc arena: tasks run on a worker *thread*, whose own glibc arena (64 MB heaps,
-    # unmapped when empty) defeats shapcam.cpu.tune_allocator and page-faults every batch in
+    # unmapped when empty) defeats shapcam.runtime.cpu.tune_allocator and page-faults every batch in
     # again: the same shards took 51 s instead of 33 s on the 2-core VM (docs/benchmarks.md).
     base = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
             "MALLOC_ARENA_MAX": "1"}

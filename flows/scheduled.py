@@ -30,7 +30,7 @@ def scheduled_explain(config: dict[str, Any], store: str = "runs", run_id: str |
     cfg = RunConfig.from_dict(config)
     run_id = run_id or new_run_id(flow_run.scheduled_start_time)
     if cfg.dataset == "sample":
-        from shapcam.weights import install_offline_weights
+        from shapcam.zoo.weights import install_offline_weights
 
         install_offline_weights()
     runner = task_runner(dask_address, workers, cfg.threads or 1, device=cfg.device, gpus=gpus,

@@ -22,9 +22,10 @@ from .methods import (
     build_method,
     method_options,
 )
-from .models import LoadedModel, load_model, preprocess_transform
-from .shapley import ShapleyResult, block_groups, exact_shapley, permutation_shapley
-from .split import split_model
+from .methods.shapley import ShapleyResult, block_groups, exact_shapley, permutation_shapley
+from .zoo.models import LoadedModel, load_model
+from .zoo.preprocessing import preprocess_transform
+from .zoo.split import split_model
 
 __version__ = "0.1.0"
 

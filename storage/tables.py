@@ -40,7 +40,7 @@ METRICS_SCHEMA = pa.schema([
     ("pointing", pa.string()),  # pointing-game status: scored, no box, filtered, unannotated
     ("deletion", pa.float64()),
     ("insertion", pa.float64()),
-    # field metrics (shapcam.field_metrics): NULL unless the run asked for them
+    # field metrics (shapcam.evaluation.field_metrics): NULL unless the run asked for them
     ("sparseness", pa.float64()),
     ("complexity", pa.float64()),
     ("rank_accuracy", pa.float64()),

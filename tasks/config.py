@@ -18,14 +18,14 @@ from typing import Any
 
 from shapcam.data import DATASETS
 from shapcam.errors import ShapCAMError
-from shapcam.evaluate import PG_CLASSES
-from shapcam.field_metrics import check_metrics
+from shapcam.evaluation.evaluate import PG_CLASSES
+from shapcam.evaluation.field_metrics import check_metrics
+from shapcam.evaluation.metrics import VARIANTS
+from shapcam.evaluation.targets import TargetSpec
 from shapcam.methods import METHODS, check_options, method_class
-from shapcam.metrics import VARIANTS
-from shapcam.precision import check_precision
-from shapcam.presets import resolve_preset
-from shapcam.targets import TargetSpec
-from shapcam.timm_models import PREFIX as TIMM_PREFIX
+from shapcam.runtime.precision import check_precision
+from shapcam.runtime.presets import resolve_preset
+from shapcam.zoo.timm_models import PREFIX as TIMM_PREFIX
 
 #: The paper's methods in its column order (the default of ``--methods``).
 ALL_METHODS: tuple[str, ...] = tuple(METHODS)
@@ -164,9 +164,9 @@ class RunConfig:
     protocol: str = "scorecam"
     causal: bool = True
     causal_step: int = 224
-    #: Field metrics (shapcam.field_metrics.FIELD_METRICS) next to the paper's.
+    #: Field metrics (shapcam.evaluation.field_metrics.FIELD_METRICS) next to the paper's.
     metrics: tuple[str, ...] = ()
-    #: Classes explained per image (shapcam.targets): predicted, label, topk:K, present.
+    #: Classes explained per image (shapcam.evaluation.targets): predicted, label, topk:K, present.
     target: str = "predicted"
     pg_class: str = "target"  # whose box the pointing game uses: "target" (paper) or "label"
     device: str = "cpu"
@@ -181,7 +181,7 @@ class RunConfig:
     precision: str = "fp32"  # autocast of forwards/backwards: fp32 (exact), bf16, fp16
     channels_last: bool = False  # NHWC weights and inputs (cuDNN tensor cores)
     forward_batch: int | None = None  # images per forward of perturbations/metrics; None:
-    # 4 on CPU, from free memory on GPU (shapcam.precision.measured_gpu_batch)
+    # 4 on CPU, from free memory on GPU (shapcam.runtime.precision.measured_gpu_batch)
 
     #: The options that decide the maps (and the pointing game's class, which decides stored
     #: per-image metrics): a resumed run must match them.

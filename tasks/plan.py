@@ -12,7 +12,7 @@ import torch
 from shapcam.data import ImageRecord, draw_records, open_dataset
 from shapcam.errors import ShapCAMError
 from shapcam.methods import METHOD_TITLES
-from shapcam.models import INPUT_SIZE
+from shapcam.zoo.preprocessing import INPUT_SIZE
 from storage import SaliencyStore, TableSpec, write_image_index
 
 from .config import RunConfig

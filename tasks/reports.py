@@ -12,7 +12,7 @@ import html
 from typing import Any
 
 from dashboards import render
-from shapcam.evaluate import POINTING_COUNTS
+from shapcam.evaluation.evaluate import POINTING_COUNTS
 from storage import StorageError, open_run
 from storage.location import Location
 
@@ -22,9 +22,9 @@ EXAMPLES = 4  # images per model in report.html
 
 
 def paper_table(table: dict[str, Any], caption: str) -> render.Table:
-    """A summary table of :func:`shapcam.evaluate.summary_table` (metrics as rows, methods
-    as columns) with the pointing game's image counts and the seconds-per-image row; AUCs with 3
-    decimals, the rest with 2."""
+    """A summary table of :func:`shapcam.evaluation.evaluate.summary_table` (metrics as rows,
+    methods as columns) with the pointing game's image counts and the seconds-per-image row;
+    AUCs with 3 decimals, the rest with 2."""
     rows = [[r["metric"], *r["values"]] for r in table["rows"]]
     for label, key in POINTING_COUNTS:
         if key in table:

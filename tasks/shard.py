@@ -34,7 +34,7 @@ import torch
 
 from shapcam.data.stream import Decoded, decode_threads, decoded_batches, image_batch, stack
 from shapcam.errors import ShapCAMError
-from shapcam.evaluate import (
+from shapcam.evaluation.evaluate import (
     MetricRow,
     method_call_options,
     randomised_maps,
@@ -42,9 +42,10 @@ from shapcam.evaluate import (
     stored_precision,
     target_slots,
 )
-from shapcam.field_metrics import FIELD_METRICS
-from shapcam.models import INPUT_SIZE, LoadedModel
-from shapcam.precision import autocast, channels_last
+from shapcam.evaluation.field_metrics import FIELD_METRICS
+from shapcam.runtime.precision import autocast, channels_last
+from shapcam.zoo.models import LoadedModel
+from shapcam.zoo.preprocessing import INPUT_SIZE
 from storage import SaliencyStore, TableSpec, write_metrics_shard
 from storage.tables import metrics_exist
 

@@ -6,7 +6,7 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
-from shapcam.evaluate import POINTING_COUNTS, MetricRow, summary_table
+from shapcam.evaluation.evaluate import POINTING_COUNTS, MetricRow, summary_table
 from storage import SaliencyStore, open_run, write_manifest, write_summary
 
 from .config import RunConfig

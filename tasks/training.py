@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from dashboards import render
-from shapcam.cpu import tune_allocator
 from shapcam.data import open_dataset
 from shapcam.errors import ShapCAMError
 from shapcam.methods import METHOD_TITLES
+from shapcam.runtime.cpu import tune_allocator
 from shapcam.training.cifar import ImageSet, load_images, normalise
 from shapcam.training.distillation import (
     METHOD_ROWS,

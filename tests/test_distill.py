@@ -18,7 +18,7 @@ import torch
 
 from shapcam import GradCAM, GradCAMPlusPlus, ScoreCAM
 from shapcam.errors import ShapCAMError
-from shapcam.shapley import exact_shapley
+from shapcam.methods.shapley import exact_shapley
 from shapcam.training.cifar import batches, load_cifar10, load_digits32
 from shapcam.training.distillation import Variant, parse_variants, train_student, train_teacher
 from shapcam.training.losses import interpret_loss, kd_loss
@@ -118,7 +118,7 @@ def test_differentiable_shapley_with_every_order_is_exact():
         a = A[index] * masks.view(-1, 1, 2, 2).to(A.dtype)
         return model.head(a).softmax(1).gather(1, targets[index].view(-1, 1))[:, 0]
 
-    from shapcam.shapley import FunctionGame
+    from shapcam.methods.shapley import FunctionGame
 
     exact = exact_shapley(FunctionGame(game, 4, 2, indexed=True)).phi
     torch.testing.assert_close(phi.reshape(2, 4).double(), exact.double(), atol=1e-6, rtol=1e-5)
@@ -277,7 +277,7 @@ def write_voc(root: Path) -> Path:
     """A tiny VOC2007 made of the sample photos (real JPEGs), in the real layout."""
     from test_data import xml
 
-    from shapcam.photos import bundled_photo
+    from shapcam.data.photos import bundled_photo
 
     voc = root / "VOCdevkit" / "VOC2007"
     (voc / "ImageSets" / "Main").mkdir(parents=True)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from shapcam.errors import ShapCAMError
-from shapcam.field_metrics import (
+from shapcam.evaluation.field_metrics import (
     FIELD_METRICS,
     check_metrics,
     class_masks,
@@ -234,7 +234,7 @@ def test_pipeline_stores_the_field_metrics_like_the_plain_loop(tmp_path):
 
     from shapcam import load_model
     from shapcam.data import draw_records, open_dataset
-    from shapcam.evaluate import evaluate_records
+    from shapcam.evaluation.evaluate import evaluate_records
     from storage import SaliencyStore, open_run
 
     model = {"name": "timm:test_resnet", "weights": "random", "layer": None}

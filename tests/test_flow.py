@@ -52,7 +52,7 @@ def test_flow_on_local_server_and_dask_workers(mobilenet, tmp_path):
     import torch
 
     from shapcam.data import open_dataset
-    from shapcam.evaluate import evaluate_records
+    from shapcam.evaluation.evaluate import evaluate_records
 
     records = open_dataset("sample", tmp_path / "data")
     threads = torch.get_num_threads()

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from shapcam import ShapCAM, load_model
-from shapcam.heads import analyse_head
-from shapcam.shapley import draw_orders, permutation_shapley
-from shapcam.split import split_model
+from shapcam.methods.shapley import draw_orders, permutation_shapley
+from shapcam.zoo.heads import analyse_head
+from shapcam.zoo.split import split_model
 
 
 def _features(lm, n_images=2, seed=0):
@@ -68,7 +68,7 @@ def _compare_paths(lm, features, *, block=None, baseline="zero", value="logit", 
         orders = draw_orders(gen, K, n, antithetic=False)
         ends = g_slow(torch.tensor([b, b]), torch.stack([masks[0], masks[1]]))
         got = g_fast.prefix_values([b], [orders], ends[:1].double(), ends[1:].double())[0]
-        from shapcam.shapley import _prefix_values_generic
+        from shapcam.methods.shapley import _prefix_values_generic
 
         want = _prefix_values_generic(g_slow, [orders], [b], ends[:1].double().expand(2),
                                       ends[1:].double().expand(2), 97, torch.device("cpu"))[0]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from shapcam.errors import ShapCAMError
-from shapcam.metrics import (
+from shapcam.evaluation.metrics import (
     auc,
     average_drop,
     box_mask,
@@ -23,7 +23,7 @@ from shapcam.metrics import (
     keep_top_fraction,
     saliency_order,
 )
-from shapcam.models import denormalize, normalize
+from shapcam.zoo.preprocessing import denormalize, normalize
 
 
 def test_average_drop_and_increase_by_hand():
@@ -158,7 +158,7 @@ def test_pointing_game_class_and_counts(tiny):
     import numpy as np
 
     from shapcam.data import ImageRecord
-    from shapcam.evaluate import score_maps, summary_table
+    from shapcam.evaluation.evaluate import score_maps, summary_table
 
     rec = ImageRecord("img", Path("img.jpg"), 1, boxes={1: np.array([[0, 0, 8, 8]], "f4")},
                       size=(32, 32), labels=(1,))

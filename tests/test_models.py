@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from shapcam.models import (
+from shapcam.zoo.models import (
     ShapCAMError,
     auto_target_layer,
     denormalize,
@@ -15,7 +15,7 @@ from shapcam.models import (
     normalize,
     preprocess_transform,
 )
-from shapcam.split import split_model
+from shapcam.zoo.split import split_model
 
 
 @pytest.mark.parametrize("name, layer, shape", [

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from shapcam.data import draw_records, open_dataset
-from shapcam.evaluate import evaluate_records
+from shapcam.evaluation.evaluate import evaluate_records
 from storage import SaliencyStore, open_run
 from tasks.config import RunConfig
 from tasks.pipeline import aggregate, evaluate_shard, explain_shard, plan_run
@@ -117,7 +117,7 @@ def test_resuming_with_other_map_options_is_refused(mobilenet, tmp_path):
 
 def test_presets_fill_options_and_set_overrides_them():
     from shapcam.errors import ShapCAMError
-    from shapcam.presets import PRESETS, resolve_preset
+    from shapcam.runtime.presets import PRESETS, resolve_preset
 
     options, step = resolve_preset("quick", ["rise", "gradcam", "scorecam"],
                                    {"rise": {"n_masks": 64}, "gradcam": {}})

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from shapcam.data.images import load_batch
+from shapcam.data.photos import bundled_photo
 from shapcam.errors import ShapCAMError
-from shapcam.images import load_batch
+from shapcam.evaluation.metrics import confidence_metrics
 from shapcam.methods import build_method
-from shapcam.metrics import confidence_metrics
-from shapcam.photos import bundled_photo
-from shapcam.precision import autocast, batch_for_memory, channels_last, to_channels_last
+from shapcam.runtime.precision import autocast, batch_for_memory, channels_last, to_channels_last
 
 pytestmark = pytest.mark.real_weights
 METHODS = {"gradcam": {}, "gradcampp": {}, "scorecam": {"max_channels": 32},
@@ -53,7 +53,7 @@ def test_bf16_autocast_on_cpu_stays_close_to_float32(mobilenet, x):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast needs a CUDA device")
 def test_fp16_autocast_on_cuda_meets_the_bar(x):
-    from shapcam.models import load_model
+    from shapcam.zoo.models import load_model
 
     lm = load_model("mobilenet_v2", "IMAGENET1K_V1", device="cuda")
     xc = x.cuda()

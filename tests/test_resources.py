@@ -152,7 +152,7 @@ def test_two_external_gpu_workers_share_a_run(mobilenet, scheduler, tmp_path):
 
     from shapcam import GradCAM
     from shapcam.data import open_dataset
-    from shapcam.images import load_batch
+    from shapcam.data.images import load_batch
 
     maps = run.maps("sample", "mobilenet_v2", "gradcam")
     records = open_dataset("sample", tmp_path / "data")

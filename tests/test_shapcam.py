@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from shapcam import ShapCAM, ShapCAMError
-from shapcam.photos import bundled_photo
-from shapcam.shapley import draw_orders
-from shapcam.split import split_model
+from shapcam.data.photos import bundled_photo
+from shapcam.methods.shapley import draw_orders
+from shapcam.zoo.split import split_model
 
 
 def additive_oracle(model, x, target):

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shapcam.errors import ShapCAMError
-from shapcam.shapley import (
+from shapcam.methods.shapley import (
     FunctionGame,
     block_groups,
     exact_shapley,
@@ -187,7 +187,7 @@ def test_endpoints_are_evaluated_once_per_game():
 
 
 def test_antithetic_orders_come_in_reversed_pairs():
-    from shapcam.shapley import draw_orders
+    from shapcam.methods.shapley import draw_orders
 
     orders = draw_orders(torch.Generator().manual_seed(0), 8, 10, antithetic=True)
     assert torch.equal(orders[1::2], orders[0::2].flip(1))

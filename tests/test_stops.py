@@ -165,7 +165,7 @@ def _equal_to_the_plain_loop(mobilenet, tmp_path: Path, run) -> None:
     import torch
 
     from shapcam.data import open_dataset
-    from shapcam.evaluate import evaluate_records
+    from shapcam.evaluation.evaluate import evaluate_records
 
     records = open_dataset("sample", tmp_path / "data")
     threads = torch.get_num_threads()

@@ -88,8 +88,8 @@ def test_bad_images_are_per_image_failures(synthetic, tmp_path):
 def test_decoding_while_another_thread_traces_a_model(synthetic, tiny):
     """torch.fx patches ``Module.__call__`` while it traces: decoder threads must not call
     transform modules (they did: "module is not installed as a submodule")."""
-    from shapcam.models import preprocess, preprocess_transform
-    from shapcam.split import split_model
+    from shapcam.zoo.preprocessing import preprocess, preprocess_transform
+    from shapcam.zoo.split import split_model
 
     records = open_dataset("imagenet", synthetic)
     stop = threading.Event()
@@ -108,7 +108,7 @@ def test_decoding_while_another_thread_traces_a_model(synthetic, tiny):
         tracer.join()
     assert [d.error for d in decoded] == [None] * len(decoded)
     image = stream_module.load_example(records[0])[0]
-    from shapcam.images import load_image
+    from shapcam.data.images import load_image
 
     pil = load_image(records[0].path)
     assert torch.equal(preprocess(pil), preprocess_transform()(pil).as_subclass(torch.Tensor))
@@ -195,7 +195,7 @@ def test_decoding_ahead_and_the_batch_size_do_not_change_results(mobilenet, synt
 
 _RSS_SCRIPT = r"""
 import json, sys
-from shapcam.cpu import tune_allocator
+from shapcam.runtime.cpu import tune_allocator
 from tasks.config import RunConfig
 from tasks.pipeline import plan_run, process_shard
 tune_allocator()

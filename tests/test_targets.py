@@ -10,12 +10,12 @@ from typer.testing import CliRunner
 from flows.cli import app
 from shapcam import GradCAM, load_model
 from shapcam.data import ImageRecord
+from shapcam.data.images import load_batch
+from shapcam.data.photos import bundled_photo
 from shapcam.errors import ShapCAMError
-from shapcam.evaluate import evaluate_records, stored_precision, summary_table
-from shapcam.images import load_batch
-from shapcam.metrics import confidence_metrics
-from shapcam.photos import bundled_photo
-from shapcam.targets import TargetSpec
+from shapcam.evaluation.evaluate import evaluate_records, stored_precision, summary_table
+from shapcam.evaluation.metrics import confidence_metrics
+from shapcam.evaluation.targets import TargetSpec
 
 pytest.importorskip("timm")
 

@@ -10,11 +10,11 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from shapcam import GradCAM, ShapCAM, load_model
+from shapcam.data.photos import bundled_photo
 from shapcam.errors import ShapCAMError
-from shapcam.heads import analyse_head
-from shapcam.models import ensure_weights
-from shapcam.photos import bundled_photo
-from shapcam.split import split_model
+from shapcam.zoo.heads import analyse_head
+from shapcam.zoo.models import ensure_weights
+from shapcam.zoo.split import split_model
 from tasks.config import ModelSpec
 
 timm = pytest.importorskip("timm")
@@ -64,7 +64,7 @@ def test_own_normalisation_is_applied_exactly(models):
     plain = timm.create_model("test_resnet", pretrained=False).eval()
     plain.load_state_dict(lm.model.state_dict())  # no extra keys: the affine is not saved
     x01 = torch.rand(2, 3, 224, 224)
-    from shapcam.models import normalize
+    from shapcam.zoo.preprocessing import normalize
 
     with torch.no_grad():
         want = plain((x01 - 0.5) / 0.5)

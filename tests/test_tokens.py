@@ -11,7 +11,7 @@ import torch
 
 from shapcam import GradCAM, ShapCAM, build_method, load_model
 from shapcam.errors import ShapCAMError
-from shapcam.models import LoadedModel
+from shapcam.zoo.models import LoadedModel
 
 timm = pytest.importorskip("timm")
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402

@@ -80,7 +80,7 @@ def test_commands_report_uncached_weights_in_one_line(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from flows.cli import app
-    from shapcam.photos import bundled_photo
+    from shapcam.data.photos import bundled_photo
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     _offline(monkeypatch)

@@ -28,9 +28,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
 @app.callback()
 def _main() -> None:
     """Shap-CAM saliency maps, their baselines and evaluation, as a pipeline."""
-    from shapcam.cpu import tune_allocator
+    from shapcam.runtime.cpu import tune_allocator
 
-    tune_allocator()  # many large short-lived tensors: see shapcam.cpu
+    tune_allocator()  # many large short-lived tensors: see shapcam.runtime.cpu
 
 
 from . import dashboard, explain, runs, stored, training  # noqa: E402 - they register on `app`

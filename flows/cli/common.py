@@ -41,7 +41,7 @@ def user_errors(resume: Callable[[], str] | None = None) -> Iterator[None]:
 
 def offline_weights() -> None:
     """The bundled MobileNetV2 checkpoint into torchvision's cache (sha256 checked)."""
-    from shapcam.weights import install_offline_weights
+    from shapcam.zoo.weights import install_offline_weights
 
     try:
         install_offline_weights()

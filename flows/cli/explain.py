@@ -70,8 +70,8 @@ def explain_images(paths: list[Path], lm: Any, cam: Any, target: int | None, out
     import torch
     from tqdm import tqdm
 
+    from shapcam.data.images import load_image, to_tensor
     from shapcam.errors import ShapCAMError
-    from shapcam.images import load_image, to_tensor
 
     out.mkdir(parents=True, exist_ok=True)
     failures: list[tuple[Path, str]] = []
@@ -123,7 +123,7 @@ def explain(
 ) -> None:
     """Explain images: writes `STEM.METHOD.png` (overlay) and `STEM.METHOD.npz`."""
     from shapcam.methods import build_method
-    from shapcam.models import load_model, resolve_target
+    from shapcam.zoo.models import load_model, resolve_target
     from tasks.config import parse_settings
 
     with user_errors():
@@ -171,8 +171,8 @@ def evaluate(
 
     from dashboards.render import markdown
     from shapcam.data import draw_records, open_dataset
-    from shapcam.evaluate import evaluate_records, rows_as_dicts, summary_table
-    from shapcam.models import load_model
+    from shapcam.evaluation.evaluate import evaluate_records, rows_as_dicts, summary_table
+    from shapcam.zoo.models import load_model
     from tasks.reports import paper_table
 
     with user_errors():
@@ -214,7 +214,7 @@ def demo(
     device: AutoDevice = "",
 ) -> None:
     """Explain the bundled photos with the real MobileNetV2 (offline)."""
-    from shapcam.photos import bundled_photo_paths
+    from shapcam.data.photos import bundled_photo_paths
 
     offline_weights()
     explain(bundled_photo_paths(), model=DEFAULT_MODEL, weights=DEFAULT_WEIGHTS, layer=None,
@@ -226,7 +226,7 @@ def demo(
 @app.command()
 def setup() -> None:
     """Put the offline MobileNetV2 checkpoint where torchvision finds it (sha256 checked)."""
-    from shapcam.weights import install_offline_weights
+    from shapcam.zoo.weights import install_offline_weights
 
     offline_weights()
     typer.echo(f"MobileNetV2 ImageNet weights ready at {install_offline_weights()}")

@@ -182,15 +182,16 @@ def run(run_id: RunId = None, repair: Annotated[bool, typer.Option(
 
 
 def _dry_run(config: RunConfig, options: dict[str, Any]) -> None:
-    """``run --dry-run``: the cost model of this run (:mod:`shapcam.cost`) on this machine."""
+    """``run --dry-run``: the cost model of this run (:mod:`shapcam.runtime.cost`) on this
+    machine."""
     import torch
 
     from dashboards.render import Table, markdown
-    from shapcam.cost import calibrate, calibration_batch, calibration_size
     from shapcam.data import draw_records, open_dataset
     from shapcam.errors import ShapCAMError
-    from shapcam.models import load_model
-    from shapcam.targets import annotated
+    from shapcam.evaluation.targets import annotated
+    from shapcam.runtime.cost import calibrate, calibration_batch, calibration_size
+    from shapcam.zoo.models import load_model
 
     spec_t = config.target_spec
     classes = float(spec_t.k) if spec_t.kind == "topk" else 1.0  # maps per image
@@ -262,7 +263,7 @@ def preflight(config: RunConfig, dask_address: str | None, gpus: str | None = No
     """Before a server or cluster starts: the weights of every model load on this machine
     (cached, from the offline package, or downloaded now) and, with CUDA, a GPU is visible.
     Skipped for a remote cluster, whose workers have their own devices, files and caches."""
-    from shapcam.models import ensure_weights
+    from shapcam.zoo.models import ensure_weights
 
     from ..runtime import visible_gpus
 

@@ -112,7 +112,7 @@ def finetune_voc(
     threads: Threads = _FT.threads, dask_address: DaskAddress = None,
 ) -> None:
     """Fine-tune an ImageNet model on VOC2007 (20 classes, multi-label BCE); report mAP."""
-    from shapcam.models import ensure_weights
+    from shapcam.zoo.models import ensure_weights
 
     from ..training import finetune_voc as finetune_flow
 

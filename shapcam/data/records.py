@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from ..errors import ShapCAMError
-from ..images import load_image, to_tensor
-from ..models import INPUT_SIZE
+from ..zoo.preprocessing import INPUT_SIZE
+from .images import load_image, to_tensor
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The ``sample`` dataset, the embedded default of dataset runs: six of the bundled photos
-(:mod:`shapcam.photos`) laid out as ILSVRC2012 val in the Kaggle localisation layout, so the real
-reader reads them.
+(:mod:`shapcam.data.photos`) laid out as ILSVRC2012 val in the Kaggle localisation layout, so the
+real reader reads them.
 
 Labels and boxes were annotated by hand for this project and are committed as ILSVRC XML files
 in ``shapcam/data/sample_annotations/`` (boxes are approximate, drawn on a 50-pixel grid). Photos
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..photos import bundled_photo
+from .photos import bundled_photo
 from .readers import imagenet_wnids, parse_xml
 
 #: image id -> bundled photo name
@@ -43,7 +43,7 @@ def build_sample_dataset(root: str | Path | None = None) -> Path:
     images.mkdir(parents=True, exist_ok=True)
     annotations.mkdir(parents=True, exist_ok=True)
     wnids = imagenet_wnids()
-    from ..models import imagenet_categories
+    from ..zoo.models import imagenet_categories
 
     names = imagenet_categories()
     mapping = root / "LOC_synset_mapping.txt"

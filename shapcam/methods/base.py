@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ShapCAMError
-from ..models import LoadedModel
-from ..split import HookTrunk, split_model
-from ..tokens import is_transformer, token_split
+from ..zoo.models import LoadedModel
+from ..zoo.split import HookTrunk, split_model
+from ..zoo.tokens import is_transformer, token_split
 
 
 @dataclass
@@ -77,7 +77,7 @@ class CAMMethod(ABC):
     """Base of all methods: ``method(x, targets) -> CAMResult``.
 
     Args:
-        model: a :class:`~shapcam.models.LoadedModel` or a plain ``nn.Module``; its mode is left
+        model: a :class:`~shapcam.zoo.models.LoadedModel` or a plain ``nn.Module``; its mode is left
             as the caller set it (each call runs it in eval mode and restores the mode).
         target_layer: dotted module name; defaults to the loaded model's default layer.
     """
@@ -129,7 +129,7 @@ class CAMMethod(ABC):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ShapCAMError(f"expected a batch of RGB images (B, 3, H, W), got {shape}; "
-                               "use shapcam.images.load_batch or unsqueeze(0) a single image")
+                               "use shapcam.data.images.load_batch or unsqueeze(0) a single image")
         if not x.is_floating_point():
             raise ShapCAMError(f"expected a float tensor (normalised image), got {x.dtype}")
         return x.to(self.device)

@@ -3,8 +3,8 @@
 Masks multiply the *normalised* input tensor, as the reference implementations of all three do
 (so a masked-out pixel is the dataset mean colour). Every forward pass goes through the model in
 batches of ``batch_size`` images, mixing channels/masks of several images in one batch; by
-default 4 on CPU and 64 on GPU (:func:`shapcam.cpu.forward_batch`: small CPU batches avoid the
-allocator's page faults and were 3-4x faster on 2 cores).
+default 4 on CPU and 64 on GPU (:func:`shapcam.runtime.cpu.forward_batch`: small CPU batches avoid
+the allocator's page faults and were 3-4x faster on 2 cores).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..cpu import forward_batch
-from ..metrics import gaussian_blur
+from ..evaluation.metrics import gaussian_blur
+from ..runtime.cpu import forward_batch
 from .base import CAMMethod, minmax
 
 

@@ -7,7 +7,7 @@ activations and the other positions take the baseline:
     v(S) = softmax(head(A * 1_S + baseline * (1 - 1_S)))[c]          (value="probability")
     phi_p = sum_{S not containing p} |S|! (n - |S| - 1)! / n! * (v(S + p) - v(S)),  n = h * w
 
-estimated by permutation sampling (:mod:`shapcam.shapley`). The map is
+estimated by permutation sampling (:mod:`shapcam.methods.shapley`). The map is
 ``minmax(upsample(ReLU(phi)))``. With ``block=b`` the players are ``b x b`` tiles of positions
 (the raw map spreads a tile's value evenly over its positions, so sums are preserved).
 """
@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from ..errors import ShapCAMError
-from ..heads import CellLinearEvaluator, CellLinearPlan, analyse_head
-from ..models import LoadedModel
-from ..shapley import ShapleyResult, block_groups, exact_shapley, permutation_shapley
-from ..tokens import TokenGame, has_class_token_path
+from ..zoo.heads import CellLinearEvaluator, CellLinearPlan, analyse_head
+from ..zoo.models import LoadedModel
+from ..zoo.tokens import TokenGame, has_class_token_path
 from .base import CAMMethod
+from .shapley import ShapleyResult, block_groups, exact_shapley, permutation_shapley
 
 #: Default orders per image. On the eight bundled sample photos with MobileNetV2 (n = 49, plain
 #: sampling) K = 512 keeps every image's largest standard error under 5% of its largest |phi|
@@ -42,7 +42,7 @@ class FeatureMaskGame:
     """The Shap-CAM games of a batch: players are (groups of) positions of ``features``.
 
     ``game(index, masks)`` masks the features of images ``index`` and runs the head;
-    ``prefix_values`` uses the exact :class:`~shapcam.heads.CellLinearEvaluator` when the head
+    ``prefix_values`` uses the exact :class:`~shapcam.zoo.heads.CellLinearEvaluator` when the head
     has a ``pool -> Linear`` front (``plan`` is not None).
     """
 
@@ -182,7 +182,7 @@ class ShapCAM(CAMMethod):
     """Shap-CAM saliency maps.
 
     Args:
-        model: a :class:`~shapcam.models.LoadedModel` or an ``nn.Module`` (explained in eval
+        model: a :class:`~shapcam.zoo.models.LoadedModel` or an ``nn.Module`` (explained in eval
             mode; the caller's mode is restored after each call).
         target_layer: module whose output positions are the players (default: the model's).
         permutations: orders ``K`` per image (per round when adaptive). Cost: ``K * (n - 1) + 2``
@@ -195,7 +195,7 @@ class ShapCAM(CAMMethod):
         value: ``"probability"`` (the paper: softmax probability of the target) or ``"logit"``.
         baseline: ``"zero"`` (the paper) or ``"mean"`` (each channel's spatial mean).
         tolerance, relative, max_permutations: adaptive mode, see
-            :func:`~shapcam.shapley.permutation_shapley`.
+            :func:`~shapcam.methods.shapley.permutation_shapley`.
         batch_size: coalitions per head call (memory vs speed). Default: 1024, except for the
             generic path on CPU (64): masking a whole feature map per coalition is memory-bound
             there, and ConvNeXt-T's head ran 3-4x faster at 64 than at 1024 (docs/models.md).
@@ -271,7 +271,7 @@ class ShapCAM(CAMMethod):
     def game(self, features: torch.Tensor, targets: torch.Tensor
              ) -> FeatureMaskGame | TokenGame:
         """The batch of games for these features and targets (exposed for analysis/tests);
-        on a vision transformer, the token game (:mod:`shapcam.tokens`)."""
+        on a vision transformer, the token game (:mod:`shapcam.zoo.tokens`)."""
         _, C, h, w = self.feature_map(features).shape
         groups = block_groups(h, w, self.block) if self.block else None
         if self.tokens:

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..data import ImageRecord, load_example
 from ..data.readers import VOC_CLASSES
-from ..models import load_model
+from ..zoo.models import load_model
 from .train import Checkpoint, Schedule, fit
 
 

@@ -17,22 +17,15 @@ import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torchvision
 from torch import nn
-from torchvision.transforms import v2 as T
-from torchvision.transforms.v2 import functional as TF
 
+from ..errors import ShapCAMError
 from . import timm_models
-from .errors import ShapCAMError
-
-#: ImageNet statistics used by every torchvision classifier and by the paper.
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-#: The paper resizes every image to 224 x 224 (no crop), so boxes scale with the image.
-INPUT_SIZE: int = 224
+from .preprocessing import INPUT_SIZE
+from .state_dicts import checkpoint_meta, is_path, load_state_dict_file
 
 #: Seed of ``"random"`` weights (the caller's RNG state is left as it was).
 RANDOM_WEIGHTS_SEED: int = 0
@@ -108,10 +101,6 @@ def _check_name(name: str) -> None:
                            f"{_suggest(name, names)}")
 
 
-def _is_path(spec: str) -> bool:
-    return os.path.sep in spec or spec.endswith((".pth", ".pt", ".bin")) or Path(spec).is_file()
-
-
 def ensure_weights(name: str, weights: str | os.PathLike[str] | None) -> None:
     """Check, before any work starts, that ``weights`` of ``name`` can be loaded: a state-dict
     file exists, or an enum's checkpoint is cached (from the offline package or a download,
@@ -120,7 +109,7 @@ def ensure_weights(name: str, weights: str | os.PathLike[str] | None) -> None:
     _check_name(name)
     if spec == "random":
         return
-    if _is_path(spec):
+    if is_path(spec):
         if not Path(spec).is_file():
             raise ShapCAMError(f"weights file {spec} does not exist")
         return
@@ -164,51 +153,6 @@ def _cached_checkpoint(name: str, enum: torchvision.models.WeightsEnum) -> Path:
     return file
 
 
-def _checkpoint_meta(path: Path) -> dict:
-    """``num_classes`` and ``categories`` saved next to the state dict, if any."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - reported with its reason by _load_state_dict_file
-        return {}
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        return {k: state[k] for k in ("num_classes", "categories") if k in state}
-    return {}
-
-
-def _load_state_dict_file(model: nn.Module, name: str, path: Path) -> None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, pickle of something else, ...
-        raise ShapCAMError(f"cannot read weights file {path}: {exc}") from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ShapCAMError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        details = []
-        if missing:
-            details.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-        if unexpected:
-            details.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            details.append(
-                f"{len(wrong)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)}, "
-                f"{name} {tuple(own[k].shape)})"
-            )
-        raise ShapCAMError(
-            f"weights file {path} does not fit architecture {name!r}: {'; '.join(details)}. "
-            f"Pass the model name the file was trained with, or --num-classes if only the "
-            "classifier differs"
-        )
-    model.load_state_dict(state)
-
-
 def load_model(
     name: str,
     weights: str | os.PathLike[str] | None = "IMAGENET1K_V1",
@@ -222,7 +166,7 @@ def load_model(
 
     Args:
         name: a torchvision classifier name (``vgg16``, ``resnet18``, ``mobilenet_v2``, ...)
-            or ``timm:NAME`` (:mod:`shapcam.timm_models`: its weight specs, families, input
+            or ``timm:NAME`` (:mod:`shapcam.zoo.timm_models`: its weight specs, families, input
             normalisation).
         weights: ``"random"``/``None``, a torchvision weight enum name (default
             ``IMAGENET1K_V1``, the one ``.ci/setup`` installs for MobileNetV2; ``"DEFAULT"`` is
@@ -243,16 +187,16 @@ def load_model(
     elif spec == "random":
         with random_weights():
             model = torchvision.models.get_model(name, weights=None, **kwargs)
-    elif _is_path(spec):
+    elif is_path(spec):
         path = Path(spec)
         if not path.is_file():
             raise ShapCAMError(f"weights file {path} does not exist")
-        meta = _checkpoint_meta(path)
+        meta = checkpoint_meta(path)
         if num_classes is None and meta.get("num_classes"):
             kwargs = {"num_classes": int(meta["num_classes"])}  # e.g. `shapcam finetune-voc`
         categories = categories or meta.get("categories")
         model = torchvision.models.get_model(name, weights=None, **kwargs)
-        _load_state_dict_file(model, name, path)
+        load_state_dict_file(model, name, path)
     else:
         enum = _weights_enum(name, spec)
         if num_classes not in (None, len(enum.meta["categories"])):
@@ -327,40 +271,6 @@ def auto_target_layer(model: nn.Module, input_size: int = INPUT_SIZE) -> str:
         raise ShapCAMError(f"{type(model).__name__} has no module with a spatial output; "
                            "pass target_layer explicitly")
     return spatial[-1]
-
-
-def preprocess_transform(size: int = INPUT_SIZE) -> T.Compose:
-    """The paper's preprocessing: resize to ``size`` x ``size``, scale to [0, 1], normalise."""
-    return T.Compose([
-        T.ToImage(),
-        T.Resize((size, size), antialias=True),
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-
-
-def preprocess(image: Any, size: int = INPUT_SIZE) -> torch.Tensor:
-    """:func:`preprocess_transform` as plain function calls, for decoder threads: a transform
-    module called while another thread traces a model with torch.fx would go through fx's
-    patched ``Module.__call__`` and fail ("module is not installed as a submodule")."""
-    x = TF.to_image(image)
-    x = TF.resize(x, [size, size], antialias=True)
-    x = TF.to_dtype(x, torch.float32, scale=True)
-    return TF.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD)).as_subclass(torch.Tensor)
-
-
-def normalize(x01: torch.Tensor) -> torch.Tensor:
-    """ImageNet-normalise a [0, 1] batch ``(B, 3, H, W)`` (used after masking in [0, 1] space)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x01.device, dtype=x01.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x01.device, dtype=x01.dtype).view(1, 3, 1, 1)
-    return (x01 - mean) / std
-
-
-def denormalize(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`normalize`, clipped to [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * std + mean).clamp(0, 1)
 
 
 def resolve_target(target: str | int | None, lm: LoadedModel) -> int | None:

@@ -30,7 +30,7 @@ import math
 import torch
 from torch import nn
 
-from .errors import ShapCAMError
+from ..errors import ShapCAMError
 
 POOLS = ("token", "avg")
 

@@ -16,9 +16,12 @@ from typing import Any
 
 import torch
 
-from .data.records import ImageRecord, pointing_status
-from .data.stream import decode_threads, decoded_batches, image_batch, stack
-from .errors import ShapCAMError
+from ..data.records import ImageRecord, pointing_status
+from ..data.stream import decode_threads, decoded_batches, image_batch, stack
+from ..errors import ShapCAMError
+from ..methods import METHOD_TITLES, CAMMethod, build_method
+from ..runtime.precision import autocast
+from ..zoo.models import LoadedModel
 from .field_metrics import (
     MPRT_DEPTHS,
     field_scores,
@@ -26,10 +29,7 @@ from .field_metrics import (
     randomisable_layers,
     randomised_copy,
 )
-from .methods import METHOD_TITLES, CAMMethod, build_method
 from .metrics import confidence_metrics, deletion_insertion, energy_pointing_game
-from .models import LoadedModel
-from .precision import autocast
 from .targets import TargetSpec
 
 #: Table rows: (row label, column of the per-image rows, how to aggregate).
@@ -40,7 +40,8 @@ TABLE_ROWS: tuple[tuple[str, str, str], ...] = (
     ("Deletion AUC (lower)", "deletion", "mean"),
     ("Insertion AUC (higher)", "insertion", "mean"),
 )
-#: Rows of the field metrics (:mod:`shapcam.field_metrics`), shown when a run computed them.
+#: Rows of the field metrics (:mod:`shapcam.evaluation.field_metrics`), shown when a run
+#: computed them.
 FIELD_ROWS: tuple[tuple[str, str, str], ...] = (
     ("Sparseness (Gini, higher: sparser)", "sparseness", "mean"),
     ("Complexity (entropy, lower: simpler)", "complexity", "mean"),
@@ -127,9 +128,10 @@ def evaluate_records(
     ``batch_images``: images per compute batch (default: 8 on CPU, 64 on GPU); ``threads``:
     image decoder threads working ahead of the compute (default: 1 on CPU, up to 8 on GPU;
     0 decodes inline). Neither changes the results. ``precision``: autocast of every forward
-    and backward (:mod:`shapcam.precision`; ``fp32`` is exact). ``metrics``: field metrics
-    (:data:`~shapcam.field_metrics.FIELD_METRICS`) next to the paper's. ``target``:
-    :mod:`shapcam.targets` (``predicted``, ``label``, ``topk:K``, ``present``); with several
+    and backward (:mod:`shapcam.runtime.precision`; ``fp32`` is exact). ``metrics``: field metrics
+    (:data:`~shapcam.evaluation.field_metrics.FIELD_METRICS`) next to the paper's.
+    ``target``: :mod:`shapcam.evaluation.targets` (``predicted``, ``label``, ``topk:K``,
+    ``present``); with several
     classes per image each gets its own rows (their ``target`` column)."""
     spec = TargetSpec.parse(target)
     check_pg_class(pg_class)
@@ -212,7 +214,8 @@ def method_call_options(name: str, seed: int, image_ids: Sequence[str]) -> dict[
 def randomised_models(lm: LoadedModel, depths: Sequence[float] = MPRT_DEPTHS
                       ) -> list[LoadedModel]:
     """Copies of the model randomised down to each MPRT checkpoint
-    (:func:`~shapcam.field_metrics.randomised_copy`), one per checkpoint for every method."""
+    (:func:`~shapcam.evaluation.field_metrics.randomised_copy`), one per checkpoint for every
+    method."""
     n = len(randomisable_layers(lm.model))
     return [dataclasses.replace(lm, model=randomised_copy(lm.model, d))
             for d in mprt_depths(n, depths)]
@@ -245,7 +248,8 @@ def score_maps(model: torch.nn.Module, x: torch.Tensor, maps: torch.Tensor,
     the run seed (deletion/insertion ties, per image); ``pg_class``: whose box the pointing
     game uses, the explained class (``"target"``) or the ground truth (``"label"``);
     ``batch_size``: images per forward of the metrics (default: per device); ``metrics``: the
-    field metrics to add (:func:`~shapcam.field_metrics.field_scores`), ``randomised``: for
+    field metrics to add (:func:`~shapcam.evaluation.field_metrics.field_scores`),
+    ``randomised``: for
     MPRT, the maps of the randomised models (:func:`randomised_maps`)."""
     check_pg_class(pg_class)
     conf = confidence_metrics(model, x, maps, targets, protocol, batch_size)

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ShapCAMError
-from .models import INPUT_SIZE, preprocess
+from ..errors import ShapCAMError
+from ..zoo.preprocessing import INPUT_SIZE, preprocess
 
 
 def load_image(path: str | Path) -> Image.Image:

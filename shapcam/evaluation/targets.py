@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .data.records import ImageRecord
-from .errors import ShapCAMError
+from ..data.records import ImageRecord
+from ..errors import ShapCAMError
 
 KINDS = ("predicted", "label", "topk:K", "present")
 

@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
+from ..evaluation.metrics import confidence_metrics, deletion_insertion
+from ..methods import build_method
+from ..zoo.models import LoadedModel
+from ..zoo.preprocessing import INPUT_SIZE
 from .cpu import forward_batch
-from .methods import build_method
-from .metrics import confidence_metrics, deletion_insertion
-from .models import INPUT_SIZE, LoadedModel
 
 #: A calibration timing shorter than this is taken to be mostly timer and scheduler noise.
 NOISE_SECONDS = 0.2
@@ -170,8 +171,8 @@ def _metric_seconds(lm: LoadedModel, x: torch.Tensor, maps: torch.Tensor,
 
 def calibration_batch(device: torch.device, batch: int) -> torch.Tensor:
     """``batch`` real photos (the bundled ones, repeated) preprocessed on ``device``."""
-    from .images import load_batch
-    from .photos import BUNDLED_PHOTOS
+    from ..data.images import load_batch
+    from ..data.photos import BUNDLED_PHOTOS
 
     paths = [p.path for p in BUNDLED_PHOTOS]
     x, _ = load_batch([paths[i % len(paths)] for i in range(batch)], INPUT_SIZE)

@@ -7,7 +7,7 @@ A *game* here is a batch of ``B`` games with the same ``n`` players, evaluated i
 so that one call can mix coalitions of several images (one forward pass of a CNN head).
 A game may also offer ``prefix_values(games, orders, v_empty, v_full) -> [(K, n + 1), ...]``:
 the values of every prefix of each order of the listed games, which a structured head computes
-far faster than mask by mask (see :mod:`shapcam.heads`). Any plain ``v(masks) -> values``
+far faster than mask by mask (see :mod:`shapcam.zoo.heads`). Any plain ``v(masks) -> values``
 becomes a game with :class:`FunctionGame`.
 
 Estimators (all satisfy efficiency, ``sum(phi) == v(N) - v(empty)``, on every sample):
@@ -36,7 +36,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .errors import ShapCAMError
+from ..errors import ShapCAMError
 
 #: Largest number of players :func:`exact_shapley` enumerates (2^16 = 65,536 coalitions).
 MAX_EXACT_PLAYERS: int = 16

@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import fx, nn
 
-from .errors import ShapCAMError
+from ..errors import ShapCAMError
 from .models import get_module
 
 

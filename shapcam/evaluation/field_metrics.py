@@ -1,6 +1,6 @@
 """The field's sanity, faithfulness and map-quality metrics, under their Quantus names.
 
-Inputs are those of :mod:`shapcam.metrics`: preprocessed batches ``x (B, 3, H, W)``, maps
+Inputs are those of :mod:`shapcam.evaluation.metrics`: preprocessed batches ``x (B, 3, H, W)``, maps
 ``(B, H, W)`` in [0, 1], targets ``(B,)``. Each metric is a named family of columns of the
 per-image tables (:data:`FIELD_METRICS`), selected with ``--metrics``; each is checked against
 Quantus 0.6.0 (and ROAD against pytorch-grad-cam) in the tests, on identical inputs.
@@ -49,8 +49,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cpu import forward_batch
-from .errors import ShapCAMError
+from ..errors import ShapCAMError
+from ..runtime.cpu import forward_batch
 from .metrics import box_mask, saliency_order
 
 #: ``--metrics`` names -> the per-image columns each one fills.

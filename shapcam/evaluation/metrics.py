@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu import forward_batch
-from .errors import ShapCAMError
-from .models import denormalize, normalize
+from ..errors import ShapCAMError
+from ..runtime.cpu import forward_batch
+from ..zoo.preprocessing import denormalize, normalize
 
 Variant = Literal["scorecam", "gradcampp"]
 VARIANTS: tuple[str, ...] = ("scorecam", "gradcampp")

@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ShapCAMError
+from ..errors import ShapCAMError
+from .preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from .state_dicts import is_path, load_state_dict_file
 from .tokens import check_token_model, is_token_model, is_transformer
 from .tokens import default_layer as token_default_layer
 
@@ -33,7 +35,7 @@ PREFIX = "timm:"
 #: Pretrained-weight specs that mean "the tag's pretrained weights".
 PRETRAINED_SPECS = ("pretrained", "DEFAULT", "IMAGENET1K_V1")
 #: The target layer of each family (the model's class in timm): the last spatial map before
-#: the head's pooling. Other CNN families use :func:`shapcam.models.auto_target_layer`.
+#: the head's pooling. Other CNN families use :func:`shapcam.zoo.models.auto_target_layer`.
 FAMILY_LAYERS: dict[str, str] = {
     "ResNet": "layer4",  # ResNet, ResNeXt, SE-ResNet, ResNet-D ...
     "ConvNeXt": "stages",  # head: pool -> LayerNorm -> Linear (generic path)
@@ -124,16 +126,14 @@ def create(name: str, spec: str, num_classes: int | None) -> tuple[nn.Module, st
             raise _not_available(bare, reason) from None
         spec = f"pretrained:{model.pretrained_cfg.get('hf_hub_id') or bare}"
     else:
-        from .models import _is_path, _load_state_dict_file
-
         path = Path(spec)
-        if not _is_path(spec):
+        if not is_path(spec):
             raise ShapCAMError(f"unknown weights {spec!r} for timm:{bare}; use 'pretrained', "
                                "'random' or a path to a state-dict file")
         if not path.is_file():
             raise ShapCAMError(f"weights file {path} does not exist")
         model = timm.create_model(bare, pretrained=False, **kwargs)
-        _load_state_dict_file(model, name, path)
+        load_state_dict_file(model, name, path)
     family = type(model).__name__
     if is_token_model(model):
         check_token_model(model)
@@ -161,8 +161,6 @@ def adapt_normalisation(model: nn.Module, mean, std) -> None:
     affine first (buffers, not parameters, not in the state dict): module names, ``fx`` tracing
     and the trunk/head split are those of the model itself.
     """
-    from .models import IMAGENET_MEAN, IMAGENET_STD
-
     if mean is None or std is None:
         return
     mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
