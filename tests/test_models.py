@@ -7,14 +7,9 @@ import torch
 import torchvision
 from torch import nn
 
-from shapcam.zoo.models import (
-    ShapCAMError,
-    auto_target_layer,
-    denormalize,
-    load_model,
-    normalize,
-    preprocess_transform,
-)
+from shapcam.errors import ShapCAMError
+from shapcam.zoo.models import auto_target_layer, load_model
+from shapcam.zoo.preprocessing import denormalize, normalize, preprocess_transform
 from shapcam.zoo.split import split_model
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shapcam import weights
+from shapcam.zoo import weights
 
 
 def test_install_copies_the_verified_checkpoint(tmp_path, monkeypatch):
