@@ -217,6 +217,41 @@ def test_mprt_spearman_equals_quantus(tiny):
     assert torch.allclose(same["mprt_ssim"], torch.ones(3))
 
 
+def test_mprt_counts_a_constant_randomised_map_in_both_columns():
+    """A randomised model whose map is constant (Spearman undefined) is the strongest pass:
+    it counts as 0 in the Spearman mean, over the same checkpoints as SSIM."""
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(2, 8, 8, generator=g)
+    noise = torch.rand(2, 8, 8, generator=g)
+    flat = torch.zeros(2, 8, 8)
+    got = mprt_scores(maps, [maps.clone(), noise, flat])
+    rho = (1.0 + spearman(maps, noise) + 0.0) / 3
+    sim = (ssim(maps, maps) + ssim(maps, noise) + ssim(maps, flat)) / 3
+    torch.testing.assert_close(got["mprt_spearman"], rho.float())
+    torch.testing.assert_close(got["mprt_ssim"], sim.float())
+    assert not torch.isnan(ssim(maps, flat)).any()
+    # a constant explanation has no ranking to test: NaN, not a pass
+    const = mprt_scores(torch.ones(1, 8, 8), [noise[:1], flat[:1]])
+    assert torch.isnan(const["mprt_spearman"]).all()
+
+
+def test_the_library_checks_metric_names_as_the_cli_does(tmp_path):
+    """``evaluate_records(metrics=...)`` as ``--metrics``: ``all`` computes every family, a
+    misspelt name is an error (it used to compute nothing, silently)."""
+    pytest.importorskip("timm")
+    from shapcam import load_model
+    from shapcam.data import draw_records, open_dataset
+    from shapcam.evaluation.evaluate import evaluate_records
+
+    lm = load_model("timm:test_resnet", "random")
+    records = draw_records(open_dataset("sample", tmp_path / "data"), 1, 0)
+    with pytest.raises(ShapCAMError, match="unknown metric 'sparsenes'"):
+        evaluate_records(lm, records, ["gradcam"], causal=False, metrics=["sparsenes"])
+    (row,) = evaluate_records(lm, records, ["gradcam"], causal=False, metrics=["all"])
+    for column in ("sparseness", "complexity", "road_morf", "mprt_spearman", "mprt_ssim"):
+        assert not math.isnan(getattr(row, column)), column
+
+
 def test_bad_metric_names():
     assert check_metrics(["all"]) == ("sparseness", "complexity", "localisation", "road", "mprt")
     assert check_metrics(["road", "sparseness"]) == ("sparseness", "road")

@@ -24,6 +24,7 @@ from ..runtime.precision import autocast
 from ..zoo.models import LoadedModel
 from .field_metrics import (
     MPRT_DEPTHS,
+    check_metrics,
     field_scores,
     mprt_depths,
     randomisable_layers,
@@ -130,11 +131,13 @@ def evaluate_records(
     0 decodes inline). Neither changes the results. ``precision``: autocast of every forward
     and backward (:mod:`shapcam.runtime.precision`; ``fp32`` is exact). ``metrics``: field metrics
     (:data:`~shapcam.evaluation.field_metrics.FIELD_METRICS`) next to the paper's.
-    ``target``: :mod:`shapcam.evaluation.targets` (``predicted``, ``label``, ``topk:K``,
-    ``present``); with several
-    classes per image each gets its own rows (their ``target`` column)."""
+    ``metrics`` is checked as the CLI checks it (``all`` expands; an unknown name is an
+    error). ``target``: :mod:`shapcam.evaluation.targets` (``predicted``, ``label``,
+    ``topk:K``, ``present``); with several classes per image each gets its own rows (their
+    ``target`` column)."""
     spec = TargetSpec.parse(target)
     check_pg_class(pg_class)
+    metrics = check_metrics(metrics)
     options = method_options or {}
     cams: dict[str, CAMMethod] = {m: build_method(m, lm, options.get(m)) for m in methods}
     random_models = randomised_models(lm) if "mprt" in metrics else []
@@ -252,6 +255,7 @@ def score_maps(model: torch.nn.Module, x: torch.Tensor, maps: torch.Tensor,
     ``randomised``: for
     MPRT, the maps of the randomised models (:func:`randomised_maps`)."""
     check_pg_class(pg_class)
+    metrics = check_metrics(metrics)
     conf = confidence_metrics(model, x, maps, targets, protocol, batch_size)
     classes = [int(t) if pg_class == "target" else rec.label
                for (rec, _), t in zip(examples, targets.tolist(), strict=True)]

@@ -286,11 +286,24 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def mprt_scores(maps: torch.Tensor, randomised: Sequence[torch.Tensor]
                 ) -> dict[str, torch.Tensor]:
     """Per image, the mean over checkpoints of Spearman and SSIM between ``maps`` and the maps
-    of each randomised model (``randomised``: one ``(B, H, W)`` per checkpoint)."""
+    of each randomised model (``randomised``: one ``(B, H, W)`` per checkpoint).
+
+    Both columns average every checkpoint. A randomised model whose map is constant kept no
+    ranking of the original: its Spearman counts as 0 (no association, a pass) instead of
+    being undefined and dropped, which would leave the mean to the other checkpoints. A
+    constant original map has no ranking to test: its Spearman is NaN (SSIM stays defined).
+    """
     if not randomised:
         raise ShapCAMError("MPRT needs the maps of at least one randomised model")
-    rho = torch.stack([spearman(maps, r) for r in randomised]).nanmean(0)
-    sim = torch.stack([ssim(maps, r) for r in randomised]).nanmean(0)
+    flat = maps.reshape(maps.shape[0], -1)
+    ranked = (flat.amax(1) > flat.amin(1)).cpu()  # the original has a ranking
+    rhos = []
+    for r in randomised:
+        rf = r.reshape(r.shape[0], -1)
+        flat_r = (rf.amax(1) == rf.amin(1)).cpu()
+        rhos.append(torch.where(ranked & flat_r, torch.zeros(()), spearman(maps, r).float()))
+    rho = torch.stack(rhos).mean(0)
+    sim = torch.stack([ssim(maps, r).float() for r in randomised]).mean(0)
     return {"mprt_spearman": rho, "mprt_ssim": sim}
 
 
