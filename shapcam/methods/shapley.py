@@ -17,7 +17,10 @@ Estimators (all satisfy efficiency, ``sum(phi) == v(N) - v(empty)``, on every sa
   players before it; ``phi`` is the mean, the standard error ``std / sqrt(K)``. With
   ``antithetic=True`` each order is paired with its reverse and the pair mean is the sample unit.
   ``tolerance`` makes it adaptive: orders are drawn in rounds until every player's standard error
-  is at most ``tolerance`` or ``max_permutations`` is reached.
+  is at most ``tolerance`` or ``max_permutations`` is reached. The standard error is right in
+  variance, but ``phi +- z * se`` is a Gaussian interval that heavy-tailed games undercover;
+  ``keep_units=True`` and :meth:`ShapleyResult.interval` give a bootstrap-t interval instead
+  (:mod:`shapcam.methods.intervals`).
   Cost per game: ``2 + K * (n - 1)`` evaluations (``v(empty)``, ``v(N)`` once per game).
 * :func:`exact_shapley` -- enumeration of the ``2^n`` coalitions, ``n <= 16``:
   ``phi_i = sum_{S not containing i} |S|! (n - |S| - 1)! / n! * (v(S + i) - v(S))``.
@@ -77,6 +80,24 @@ class ShapleyResult:
     permutations: torch.Tensor  # (B,) orders used (2^n coalitions for exact: -1)
     evaluations: torch.Tensor  # (B,) value-function evaluations per game
     stopped_by: list[str]  # per game: "fixed", "tolerance", "max_permutations", "exact"
+    #: per game, the sample units' marginal contributions ``(K, n)`` (``keep_units=True``)
+    units: list[torch.Tensor] | None = None
+
+    def interval(self, level: float = 0.95, resamples: int = 1000, seed: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lower, upper)``, each ``(B, n)``: a bootstrap-t interval per player
+        (:func:`~shapcam.methods.intervals.bootstrap_t_interval`), honest on heavy-tailed
+        games where ``phi +- z * stderr`` covers less than it says. Exact results: ``phi``."""
+        from .intervals import bootstrap_t_interval
+
+        if self.stopped_by and all(s == "exact" for s in self.stopped_by):
+            return self.phi, self.phi
+        if self.units is None:
+            raise ShapCAMError("intervals need the sample units: pass keep_units=True to "
+                               "permutation_shapley")
+        bounds = [bootstrap_t_interval(u, level, resamples, seed) for u in self.units]
+        return (torch.stack([b[0] for b in bounds]).to(self.phi.device),
+                torch.stack([b[1] for b in bounds]).to(self.phi.device))
 
 
 def _evaluate(game: Game, index: torch.Tensor, masks: torch.Tensor, batch_size: int
@@ -165,12 +186,15 @@ def marginal_contributions(orders: torch.Tensor, prefix_values: torch.Tensor) ->
 class _Accumulator:
     """Running sums of per-unit estimates (a unit is an order, or an antithetic pair)."""
 
-    def __init__(self, n: int, device: torch.device) -> None:
+    def __init__(self, n: int, device: torch.device, keep: bool = False) -> None:
+        self.units: list[torch.Tensor] | None = [] if keep else None
         self.count = 0
         self.total = torch.zeros(n, dtype=torch.float64, device=device)
         self.total_sq = torch.zeros(n, dtype=torch.float64, device=device)
 
     def add(self, units: torch.Tensor) -> None:
+        if self.units is not None:
+            self.units.append(units.detach().to(torch.float64).cpu())
         self.count += units.shape[0]
         self.total += units.sum(0)
         self.total_sq += (units * units).sum(0)
@@ -223,6 +247,7 @@ def permutation_shapley(
     max_permutations: int = 1024,
     batch_size: int = 4096,
     device: torch.device | str | None = None,
+    keep_units: bool = False,
 ) -> ShapleyResult:
     """Permutation-sampling Shapley values (Castro et al. 2009), batched over games.
 
@@ -237,6 +262,8 @@ def permutation_shapley(
             ``max_permutations`` orders are used; ``stopped_by`` says which.
         batch_size: coalitions per value-function call (memory vs speed).
         device: where masks are built; defaults to the game's ``device`` attribute or CPU.
+        keep_units: keep every sample unit's marginal contributions (``units``, for
+            :meth:`ShapleyResult.interval`); costs ``K * n * 8`` bytes per game on the CPU.
     """
     game = _check_game(game, n_players)
     _check_sampling(permutations, antithetic, tolerance, max_permutations, batch_size)
@@ -245,7 +272,7 @@ def permutation_shapley(
     seed_list = _check_seeds(seeds, B)
     generators = [torch.Generator().manual_seed(s) for s in seed_list]
     v_empty, v_full = _endpoints(game, device, batch_size)
-    accs = [_Accumulator(n, device) for _ in range(B)]
+    accs = [_Accumulator(n, device, keep_units) for _ in range(B)]
     used = [0] * B
     stopped = ["fixed" if tolerance is None else ""] * B
     active = list(range(B))
@@ -286,6 +313,7 @@ def permutation_shapley(
         permutations=torch.tensor(used),
         evaluations=torch.tensor([2 + k * (n - 1) for k in used]),
         stopped_by=stopped,
+        units=[torch.cat(a.units) for a in accs] if keep_units else None,
     )
 
 
