@@ -128,3 +128,10 @@ def clean_checkout():
     yield
     if before is not None and not os.environ.get("SHAPCAM_SCREENSHOTS"):
         assert status() == before, "the test changed the checkout (git status differs)"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Browser tests are slow too: the quick tier (``-m "not slow"``) leaves them out."""
+    for item in items:
+        if item.get_closest_marker("browser") or "browser" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -146,7 +146,8 @@ def test_mask_optimisation_deletes_evidence(tiny):
         assert torch.equal(p, q) and p.grad is None
 
 
-@pytest.mark.parametrize("model_name", ["mobilenet_v2", "resnet18", "vgg16"])
+@pytest.mark.parametrize("model_name", ["mobilenet_v2", "resnet18",
+                                        pytest.param("vgg16", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_runs_on_every_model(model_name, method, request):
     if model_name == "mobilenet_v2":

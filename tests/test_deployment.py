@@ -36,6 +36,7 @@ def _prefect(*args: str, env: dict[str, str], timeout: float = 300) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_prefect_yaml_deployment_runs_on_a_process_worker(mobilenet, prefect_server, tmp_path,
                                                           clean_checkout):
     env = {**os.environ, "PREFECT_API_URL": f"{prefect_server}/api",

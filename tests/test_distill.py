@@ -240,6 +240,7 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_distill_flow_end_to_end(tmp_path):
     write_cifar(tmp_path / "cifar", n=12)
     args = ["distill", "--dataset", "cifar10", "--root", str(tmp_path / "cifar"), "--epochs",
@@ -298,6 +299,7 @@ def write_voc(root: Path) -> Path:
     return root / "VOCdevkit"
 
 
+@pytest.mark.slow
 @pytest.mark.real_weights
 def test_finetune_voc_flow_and_its_weights_explain(mobilenet, tmp_path):
     root = write_voc(tmp_path)

@@ -261,6 +261,7 @@ def test_bad_metric_names():
         mprt_depths(4, (2.0,))
 
 
+@pytest.mark.slow
 def test_pipeline_stores_the_field_metrics_like_the_plain_loop(tmp_path):
     """Through the pipeline's shards (maps written, then read back for the metrics) and the
     plain loop: the same field metrics, in the tables, the summary and SQL."""

@@ -33,6 +33,7 @@ FAST = ("--methods", "gradcam,shapcam", "--set", "shapcam.permutations=16", "--s
         "3")
 
 
+@pytest.mark.slow
 def test_flow_on_local_server_and_dask_workers(mobilenet, tmp_path):
     # Tasks ask for GPU=1, as CUDA tasks do: the local workers declare it, so they run.
     proc = shapcam_run(tmp_path, "r1", *FAST, "--task-resources", "GPU=1")
@@ -126,6 +127,7 @@ def _metrics(run_dir: Path):
     return df.sort_values(["method", "image_id"]).reset_index(drop=True)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_results(mobilenet, tmp_path):
     proc = shapcam_run(tmp_path, "killed", *SLOW)
     shards = tmp_path / "runs" / "killed" / "shards" / "sample" / "mobilenet_v2"

@@ -109,3 +109,19 @@ def test_the_checks_fail_on_a_violation():
     assert depth(functions(deep)[0]) == 5
     shallow = ast.parse("def f():\n for a in b:\n  def g():\n   if a:\n    pass\n")
     assert depth(functions(shallow)[0]) == 1
+
+
+def test_every_module_imports():
+    """The quick tier touches every module of the product, also those only the slow tests
+    run (flows, servers): each one imports."""
+    import importlib
+
+    failed = []
+    for name in modules():
+        if name == "dashboards.app":  # a Streamlit script: it runs when imported (AppTest does)
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - reported together
+            failed.append(f"{name}: {exc!r}")
+    assert not failed, failed

@@ -48,6 +48,7 @@ async def _read_back(flow_run_id):
     return parent, children, artifacts, tasks
 
 
+@pytest.mark.slow
 def test_serve_schedules_a_deployment_whose_run_completes(prefect_server, tmp_path, browser,
                                                          screenshot_dir, clean_checkout):
     from prefect.deployments import run_deployment

@@ -122,6 +122,7 @@ def _wait_workers(address: str, n: int) -> list[str]:
         return sorted(client.scheduler_info(n_workers=-1)["workers"])
 
 
+@pytest.mark.slow
 @pytest.mark.real_weights
 def test_two_external_gpu_workers_share_a_run(mobilenet, scheduler, tmp_path):
     """The documented recipe: `dask worker --resources GPU=1 --nthreads 2` per GPU, tasks
@@ -163,6 +164,7 @@ def test_two_external_gpu_workers_share_a_run(mobilenet, scheduler, tmp_path):
         assert_float16_of(maps.sel(image=rec.image_id).values, want)
 
 
+@pytest.mark.slow
 @pytest.mark.real_weights
 def test_a_resource_no_worker_offers_fails_fast_with_the_fix(mobilenet, scheduler, tmp_path):
     address, start_worker = scheduler

@@ -105,6 +105,7 @@ async def _flow_run(name: str):
     return run, tasks, logs
 
 
+@pytest.mark.slow
 def test_a_stopped_run_is_cancelled_leaves_nothing_and_resumes(mobilenet, prefect_server,
                                                              tmp_path):
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -189,6 +190,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_dashboard_stops_with_its_server(tmp_path, sig):
     (tmp_path / "runs").mkdir()
@@ -211,6 +213,7 @@ def test_dashboard_stops_with_its_server(tmp_path, sig):
     assert "warning: the dashboard has no login" in out
 
 
+@pytest.mark.slow
 def test_distill_stops_cleanly(tmp_path):
     """`shapcam distill` goes through the same stop path: SIGTERM in the middle of the teacher's
     training, exit within 15 s, nothing left, a resume hint."""

@@ -128,6 +128,7 @@ def _config(root: Path, **extra) -> RunConfig:
         "causal": True, "causal_step": 12544, "device": "cpu", **extra})
 
 
+@pytest.mark.slow
 @pytest.mark.real_weights
 def test_a_shard_is_decoded_once_for_maps_and_metrics(mobilenet, synthetic, tmp_path,
                                                        count_decodes):
@@ -167,6 +168,7 @@ def _maps(run_dir: Path, method: str) -> np.ndarray:
     return g[method]["maps"][:]
 
 
+@pytest.mark.slow
 @pytest.mark.real_weights
 def test_decoding_ahead_and_the_batch_size_do_not_change_results(mobilenet, synthetic,
                                                                   tmp_path):
@@ -209,6 +211,7 @@ print(json.dumps(len(plan["shards"])))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.real_weights
 def test_worker_memory_is_bounded_by_the_shard_not_the_run(mobilenet, tmp_path):
     """400 images in 50 shards of 8 in one fresh process: its resident memory after shard 10

@@ -145,6 +145,7 @@ def lm_for(model):
     return load_model(model["name"], model["weights"])
 
 
+@pytest.mark.slow
 def test_flow_runs_a_topk_run_with_field_metrics(tmp_path):
     """Through the Prefect flow on Dask workers: --target topk:2 and --metrics (the metrics
     read back from the stored per-class maps: test_pipeline_topk_store_...)."""
