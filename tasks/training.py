@@ -35,7 +35,7 @@ from shapcam.training.distillation import (
     train_teacher,
 )
 from shapcam.training.maps import teacher_maps
-from shapcam.training.train import Checkpoint, Schedule
+from shapcam.training.train import Checkpoint, Schedule, load_checkpoint
 from shapcam.training.voc import finetune, save_voc_weights
 from shapcam.training.wrn import wrn
 from storage import open_run, write_training_epoch
@@ -68,8 +68,13 @@ def _recorder(run_dir: str, run_id: str, config: str):
 def _teacher(run_dir: str, spec: DistillSpec) -> nn.Module:
     model = wrn(spec.teacher)
     path = spec.teacher_checkpoint or str(Path(run_dir) / "checkpoints" / "teacher.pt")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(state.get("model", state))
+    state = load_checkpoint(path)
+    try:
+        model.load_state_dict(state.get("model", state))
+    except (RuntimeError, TypeError) as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise ShapCAMError(f"checkpoint {path} does not fit the teacher {spec.teacher}: "
+                           f"{reason}") from None
     return model.eval()
 
 

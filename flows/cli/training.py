@@ -85,6 +85,11 @@ def distill(
             cifar_folder(spec.root)
     if teacher_checkpoint is not None and not teacher_checkpoint.is_file():
         fail(f"teacher checkpoint {teacher_checkpoint} does not exist")
+    if teacher_checkpoint is not None:
+        from shapcam.training.train import load_checkpoint
+
+        with user_errors():  # before any server starts: a hostile pickle is one line
+            load_checkpoint(teacher_checkpoint)
     run_dir, run_id = local_run_dir(store, run_id)
     typer.echo(f"run {run_id}, folder {run_dir}")
     with user_errors(resume=lambda: f"resume from the checkpoints with --run-id {run_id}"):

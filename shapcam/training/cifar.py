@@ -12,6 +12,7 @@ import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,10 +54,25 @@ def cifar_folder(root: str | Path) -> Path:
     return folder
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR-10's python batches are pickles of dicts of numpy arrays and lists: only the
+    globals that rebuild an array may load, so a hostile batch file runs no code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch")
+
+
 def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with path.open("rb") as f:
-            d = pickle.load(f, encoding="bytes")
+            d = _ArraysOnly(f, encoding="bytes").load()
         data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(d[b"labels"], dtype=np.int64)
     except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ShapCAMError
+
 Batch = tuple[Any, ...]
 
 
@@ -66,9 +68,25 @@ class Checkpoint:
     def load(self) -> dict[str, Any] | None:
         if not self.path.is_file():
             return None
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(self.path)
         self.history = list(state.get("history", []))
         return state
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A training checkpoint (or a bare state dict) as a dict, read with
+    ``torch.load(weights_only=True)``: tensors and plain containers only, so a file whose
+    pickle would run code on load (a replaced or hostile checkpoint) is refused."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ShapCAMError(f"cannot read checkpoint {path}: {reason[:300]} (only tensors and "
+                           "plain containers are loaded; a file that needs code to load is "
+                           "refused)") from None
+    if not isinstance(state, dict):
+        raise ShapCAMError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
+    return state
 
 
 def fit(model: nn.Module, schedule: Schedule, checkpoint: Checkpoint, *,
