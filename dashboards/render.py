@@ -10,6 +10,7 @@ from __future__ import annotations
 import html as html_lib
 import io
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,15 @@ class Table:
 
     def cells(self) -> list[list[str]]:
         return [[str(r[0]), *(self.cell(v, str(r[0])) for v in r[1:])] for r in self.rows]
+
+
+def code_span(text: object) -> str:
+    """``text`` as a Markdown code span, inert whatever it holds (backticks, HTML): the
+    fence is one backtick longer than the longest run of backticks inside."""
+    s = str(text).replace("\n", " ")
+    fence = "`" * (max(map(len, re.findall(r"`+", s)), default=0) + 1)
+    pad = " " if s.startswith("`") or s.endswith("`") else ""
+    return f"{fence}{pad}{s}{pad}{fence}"
 
 
 def markdown(table: Table, heading: str = "") -> str:

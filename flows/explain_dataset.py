@@ -25,6 +25,7 @@ from prefect.artifacts import (
 from prefect.futures import as_completed
 from tqdm import tqdm
 
+from dashboards.render import code_span
 from shapcam.errors import ShapCAMError
 from storage import SaliencyStore
 from tasks.config import RunConfig
@@ -96,7 +97,8 @@ def explain_dataset(run_dir: str, run_id: str, config: dict[str, Any]) -> dict[s
     report = write_report(run_dir, cfg, tables)
     markdown = tables_markdown(cfg, tables)
     create_markdown_artifact(key=artifact_key("report", run_id),
-                             markdown=markdown + f"\n\nReport: `{report}`  \nStore: `{run_dir}`",
+                             markdown=markdown + f"\n\nReport: {code_span(report)}  \n"
+                             f"Store: {code_span(run_dir)}",
                              description="Shap-CAM run summary")
     print(markdown)
     return {"run_dir": run_dir, "report": str(report), "tables": tables,

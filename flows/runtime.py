@@ -9,6 +9,7 @@ is first imported (it reads its settings then), and the command package calls it
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from shapcam.errors import ShapCAMError
+from storage.names import check_run_id
 from tasks.config import device_resources
 
 DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
@@ -339,9 +341,13 @@ def require_resources(resources: dict[str, float], wait: float, poll: float = 1.
 
 
 def artifact_key(*parts: str) -> str:
-    """A Prefect artifact key: lowercase letters, digits and dashes."""
+    """A Prefect artifact key (lowercase letters, digits and dashes), unique per ``parts``:
+    the readable slug loses case and punctuation (``Run_1`` and ``run-1`` read alike), so a
+    short hash of the exact parts follows it."""
     text = "-".join(parts)
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-") or "run"
+    slug = "".join(c if c.isalnum() and c.isascii() else "-" for c in text.lower()).strip("-")
+    digest = hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:8]
+    return f"{slug[:80].strip('-') or 'run'}-{digest}"
 
 
 def new_run_id(when: datetime | None = None) -> str:
@@ -349,6 +355,8 @@ def new_run_id(when: datetime | None = None) -> str:
 
 
 def run_dir_for(store: str, run_id: str) -> str:
-    """``store/run_id`` for a folder (made absolute: Dask workers may run elsewhere) or URL."""
+    """``store/run_id`` for a folder (made absolute: Dask workers may run elsewhere) or URL;
+    the run id is checked first (:func:`storage.check_run_id`)."""
+    check_run_id(run_id)
     return (f"{store.rstrip('/')}/{run_id}" if "://" in store
             else str((Path(store) / run_id).resolve()))

@@ -90,7 +90,7 @@ def distill(run_dir: str, run_id: str, spec: dict[str, Any]) -> dict[str, Any]:
                           description=title)
     report = write_training_report(run_dir, table, s.to_dict())
     create_markdown_artifact(key=artifact_key("distill", run_id),
-                             markdown=markdown + f"\n\nReport: `{report}`",
+                             markdown=markdown + f"\n\nReport: {render.code_span(report)}",
                              description="Table 4 (knowledge distillation)")
     print(markdown)
     return {"run_dir": run_dir, "table": table_rows(table), "markdown": markdown,
@@ -111,7 +111,7 @@ def finetune_voc(run_dir: str, run_id: str, spec: dict[str, Any]) -> dict[str, A
                          ["metric", "value"],
                          [[f"mAP on {s.test_split} (%)", result["test_map"]],
                           ["epochs", str(result["epochs"])]],
-                         [f"Weights: `{result['weights']}`"], digits=2)
+                         [f"Weights: {render.code_span(result['weights'])}"], digits=2)
     markdown = render.markdown(table, heading="### ")
     report = write_training_report(run_dir, table, s.to_dict(), metric="test_map")
     create_markdown_artifact(key=artifact_key("finetune", run_id), markdown=markdown,

@@ -6,6 +6,7 @@ Local writes are atomic by temporary file + rename; object stores write whole ob
 
 from __future__ import annotations
 
+import glob
 import os
 from typing import Any
 
@@ -49,8 +50,16 @@ class Location:
                       for e in self.fs.ls(self.path(*parts), detail=True)
                       if e.get("type") == "directory")
 
+    def pattern(self, *parts: str) -> str:
+        """A glob pattern of ``parts`` below the root, for fsspec and DuckDB. The root is
+        never a pattern (a run folder named ``b?se`` does not read ``base``'s files); a name
+        in ``parts`` that may hold glob characters comes through
+        :func:`storage.names.glob_literal`."""
+        root = glob.escape(self.root.rstrip("/"))
+        return "/".join([root, *[p.strip("/") for p in parts if p]])
+
     def glob(self, *parts: str) -> list[str]:
-        return sorted(self.fs.glob(self.path(*parts)))
+        return sorted(self.fs.glob(self.pattern(*parts)))
 
     def read_text(self, *parts: str) -> str:
         return self.fs.cat_file(self.path(*parts)).decode()

@@ -262,7 +262,7 @@ class Run:
             if not present:
                 continue
             if loc.local:
-                path = loc.path(*parts).replace("'", "''")
+                path = loc.pattern(*parts).replace("'", "''")
                 hive = ", hive_partitioning=true" if name in ("metrics", "training") else ""
                 con.execute(f"create table {name} as select * from read_parquet('{path}'"
                             f"{hive}, union_by_name=true)")

@@ -36,6 +36,7 @@ import zarr
 
 from .errors import IncompleteShardError, SchemaVersionError, StorageError, storage_errors
 from .location import Location
+from .names import check_run_id, glob_literal
 
 #: Bumped on any incompatible layout change; readers refuse other major versions.
 SCHEMA_VERSION = 1
@@ -92,6 +93,7 @@ class SaliencyStore:
                attributes: Mapping[str, Any] | None = None,
                **storage_options: Any) -> SaliencyStore:
         """Create the store (or open it if it exists with the same run id)."""
+        check_run_id(run_id)
         store = cls(root, **storage_options)
         with storage_errors(store.zarr_path):
             store.location.makedirs()
@@ -244,7 +246,8 @@ class SaliencyStore:
     def shard_status(self, dataset: str, model: str) -> dict[int, bool]:
         spec, _ = self.table(dataset, model)
         done = {p.rsplit("/", 1)[-1] for p in
-                self.location.glob("shards", dataset, model, "shard-*.json")}
+                self.location.glob("shards", glob_literal(dataset), glob_literal(model),
+                                   "shard-*.json")}
         return {k: f"shard-{k:05d}.json" in done for k in range(spec.n_shards)}
 
     def completed(self, dataset: str, model: str, shard: int) -> bool:

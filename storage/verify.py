@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from .errors import StorageError
 from .location import Location
+from .names import glob_literal
 from .saliency import SaliencyStore
 from .tables import checksum_parts, file_checksum
 
@@ -173,7 +174,8 @@ def mark_for_repair(root: str | os.PathLike[str], report: Report) -> list[tuple[
             marker = loc.path(*store._marker(dataset, model, k))
             if loc.fs.exists(marker):
                 loc.fs.rm(marker)
-            for path in loc.glob("metrics", f"dataset={dataset}", f"model={model}", "*",
+            for path in loc.glob("metrics", glob_literal(f"dataset={dataset}"),
+                                 glob_literal(f"model={model}"), "*",
                                  f"shard-{k:05d}-*.parquet"):
                 loc.fs.rm(path)
             marked.append((dataset, model, k))

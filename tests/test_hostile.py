@@ -65,3 +65,75 @@ def test_a_hostile_cifar_batch_runs_no_code(tmp_path):
     with pytest.raises(ShapCAMError, match="data_batch_2.*posix.system is not allowed"):
         load_cifar10(tmp_path)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("bad", ["../x", "/abs", ".", "..", "a/b", "b?se", "r*", "[x]",
+                                 "résumé", "a`b", "<img>", "a b", "", "-x", "x" * 101,
+                                 "a..b"])
+def test_invalid_run_ids_are_refused_before_any_path_is_built(bad):
+    from storage import StorageError, check_run_id
+
+    with pytest.raises(StorageError, match="invalid run id .*ASCII letters"):
+        check_run_id(bad)
+
+
+def test_valid_run_ids():
+    from storage import check_run_id
+
+    for good in ["sample-quick", "2026-12-03_ilsvrc.v2", "a", "X" * 100]:
+        assert check_run_id(good) == good
+
+
+@pytest.mark.parametrize("command", ["run", "distill"])
+def test_the_cli_refuses_a_run_id_outside_the_store_in_one_line(tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    extra = ["--dataset", "digits"] if command == "distill" else ["--methods", "gradcam"]
+    for bad in ["../escaped", "résumé"]:
+        res = CliRunner().invoke(app, [command, *extra, "--store", str(tmp_path / "runs"),
+                                       "--run-id", bad])
+        assert res.exit_code == 2 and "invalid run id" in res.output, res.output
+        assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_run_folder_with_glob_characters_reads_and_repairs_only_itself(tmp_path):
+    """Runs ``base`` and ``b?se`` side by side: queries, shard status and repair of ``b?se``
+    never touch ``base`` (its name was a glob pattern that matched ``base``)."""
+    import shutil
+
+    from test_pipeline import config_for, run_all
+
+    from storage import SaliencyStore, open_run
+    from storage.verify import mark_for_repair, verify_run
+
+    model = {"name": "timm:test_resnet", "weights": "random", "layer": None}
+    config = config_for(tmp_path / "data", n_images=4, shard_size=2, models=[model],
+                        methods=["gradcam"], method_options={})
+    base, odd = tmp_path / "runs" / "base", tmp_path / "runs" / "b?se"
+    run_all(base, config)
+    shutil.copytree(base, odd)
+    before = {p: p.read_bytes() for p in base.rglob("*") if p.is_file()}
+    for f in (odd / "metrics").rglob("shard-00001-*.parquet"):
+        f.unlink()  # b?se: one shard's metrics gone
+    (odd / "shards" / "sample" / "timm:test_resnet" / "shard-00001.json").unlink()
+    assert len(open_run(odd).metrics()) == 2 and len(open_run(base).metrics()) == 4
+    assert int(open_run(odd).sql("select count(*) as n from metrics")["n"][0]) == 2
+    res = CliRunner().invoke(app, ["query", str(odd), "select count(*) as n from metrics"])
+    assert res.exit_code == 0 and res.output.split()[-1] == "2", res.output
+    assert SaliencyStore(odd).shard_status("sample", "timm:test_resnet") == {0: True, 1: False}
+    chunk = next((odd / "maps.zarr" / "sample" / "timm:test_resnet" / "gradcam" / "maps")
+                 .rglob("c/0/*/*"))
+    chunk.write_bytes(b"\0" * chunk.stat().st_size)  # damage b?se's shard 0
+    marked = mark_for_repair(str(odd), verify_run(str(odd)))
+    assert ("sample", "timm:test_resnet", 0) in marked
+    assert {p: p.read_bytes() for p in base.rglob("*") if p.is_file()} == before
+
+
+def test_prefect_keys_and_markdown_of_hostile_names_are_inert():
+    from dashboards.render import code_span
+    from flows.runtime import artifact_key
+
+    assert artifact_key("report", "Run_1") != artifact_key("report", "run-1")
+    assert artifact_key("report", "Run_1") == artifact_key("report", "Run_1")
+    span = code_span("runs/x`<img src=x onerror=alert(1)>`")
+    assert span.startswith("``") and span.endswith("``") and span.count("``") == 2

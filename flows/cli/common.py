@@ -55,7 +55,11 @@ def local_run_dir(store: str, run_id: str | None) -> tuple[str, str]:
 
     if "://" in store:
         fail("training runs write torch checkpoints: --store must be a local folder")
+    from storage.names import check_run_id
+
     run_id = run_id or new_run_id()
+    with user_errors():
+        check_run_id(run_id)
     return str((Path(store) / run_id).resolve()), run_id
 
 
@@ -101,4 +105,5 @@ Settings = Annotated[list[str] | None, typer.Option(
     "--set", help="Method option METHOD.KEY=VALUE, repeatable (e.g. rise.n_masks=2000).")]
 Store = Annotated[str, typer.Option(help="Folder or fsspec URL (s3://bucket/runs) of the runs.")]
 RunId = Annotated[str | None, typer.Option(
-    help="Run id; re-running with the same id resumes (default: a timestamp).")]
+    help="Run id; re-running with the same id resumes (default: a timestamp). 1-100 ASCII "
+         "letters, digits, '.', '_' or '-', starting with a letter or a digit.")]

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from storage.names import check_run_id
 from tasks.config import ALL_METHODS, DEFAULT_MODEL, DEFAULT_WEIGHTS, RunConfig, parse_resources
 
 from ..runtime import DEFAULT_WORKERS, new_run_id, run_dir_for, run_flow, task_runner
@@ -155,6 +156,8 @@ def run(run_id: RunId = None, repair: Annotated[bool, typer.Option(
     from ..explain_dataset import explain_dataset
 
     with user_errors():
+        if run_id is not None:
+            check_run_id(run_id)  # before anything else: it names a folder
         config = run_config(options)
         preflight(config, options["dask_address"], options["gpus"])
         if dry_run:
@@ -163,7 +166,8 @@ def run(run_id: RunId = None, repair: Annotated[bool, typer.Option(
     if repair and run_id is None:
         fail("--repair needs the --run-id of the run to repair")
     run_id = run_id or new_run_id()
-    run_dir = run_dir_for(options["store"], run_id)
+    with user_errors():
+        run_dir = run_dir_for(options["store"], run_id)
     typer.echo(f"run {run_id}, store {run_dir}")
     if repair:
         _repair(run_dir)
