@@ -26,6 +26,7 @@ import json
 import math
 import os
 import warnings
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,10 @@ class SaliencyStore:
         path = f"{dataset}/{model}"
         with storage_errors(self.zarr_path):
             root = self._group(mode="a")
+            if path in root and "spec" not in root[path].attrs:
+                # its creation was interrupted (the layout is written last): nothing was
+                # written into it (writers need the layout), so make it again
+                del root[path]
             if path in root:
                 old = dict(root[path].attrs)
                 if old.get("spec") != _spec_json(spec):
@@ -200,7 +205,7 @@ class SaliencyStore:
                     arr = g[method][name]
                     arr[sl] = _check(value, (n, *arr.shape[1:]), f"{method}.{name}")
             done = self.location.write_bytes(
-                json.dumps({"shard": shard, "images": n, **dict(record or {})}).encode(),
+                record_bytes({"shard": shard, "images": n, **dict(record or {})}),
                 *self._marker(dataset, model, shard))
         return Path(done) if self.location.local else done
 
@@ -234,6 +239,9 @@ class SaliencyStore:
             have = ", ".join(f"{d}/{m}" for d, m in self.tables()) or "none"
             raise StorageError(f"no table {path} in {self.zarr_path} (tables: {have})")
         g = root[path]
+        if "spec" not in g.attrs:
+            raise StorageError(f"table {path} in {self.zarr_path} was never finished (its "
+                               "creation was interrupted): re-run the same run id to make it")
         spec = g.attrs["spec"]
         return TableSpec(spec["n_images"], spec["shard_size"], tuple(spec["map_shape"]),
                          {k: tuple(v) for k, v in spec["raw_shapes"].items()},
@@ -257,7 +265,12 @@ class SaliencyStore:
         """The completion record of a shard (what its writer reported)."""
         if not self.completed(dataset, model, shard):
             raise IncompleteShardError(f"shard {shard} of {dataset}/{model} is not complete")
-        return json.loads(self.location.read_text(*self._marker(dataset, model, shard)))
+        marker = self._marker(dataset, model, shard)
+        try:
+            return check_record(self.location.fs.cat_file(self.location.path(*marker)))
+        except StorageError as exc:
+            raise StorageError(f"completion record {self.location.path(*marker)}: {exc}; "
+                               "shapcam run --repair recomputes the shard") from None
 
     def read_shard(self, dataset: str, model: str, method: str, shard: int,
                    name: str = "maps") -> np.ndarray:
@@ -272,6 +285,29 @@ class SaliencyStore:
         if method not in g:
             raise StorageError(f"no method {method!r} in {dataset}/{model}")
         return g[method][name][sl]
+
+
+def record_bytes(record: Mapping[str, Any]) -> bytes:
+    """A completion record as JSON with the CRC-32 of its own content (``crc32``), so that
+    ``verify`` tells a damaged record from a good one."""
+    body = json.dumps(dict(record), sort_keys=True)
+    return json.dumps({**dict(record), "crc32": zlib.crc32(body.encode())}).encode()
+
+
+def check_record(data: bytes) -> dict[str, Any]:
+    """The record written by :func:`record_bytes`; a :class:`StorageError` saying what is wrong
+    when it does not parse or its checksum does not match (records of older versions have
+    none and are only parsed)."""
+    try:
+        record = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StorageError(f"not a readable record ({exc})") from None
+    if not isinstance(record, dict):
+        raise StorageError("not a record (a JSON object)")
+    want = record.pop("crc32", None)
+    if want is not None and zlib.crc32(json.dumps(record, sort_keys=True).encode()) != want:
+        raise StorageError("checksum mismatch (the record was changed after it was written)")
+    return record
 
 
 def _spec_json(spec: TableSpec) -> dict[str, Any]:

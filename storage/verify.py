@@ -4,7 +4,11 @@ What is checked (``shapcam verify RUN``):
 
 - every chunk of every Zarr array is read: each carries a CRC-32C (Zarr v3's ``crc32c``
   codec), so a flipped byte fails to decode instead of reading as data;
-- every shard has its completion record (``shards/<dataset>/<model>/shard-XXXXX.json``);
+- the folder is a run (a missing folder, an empty one or a folder of runs is an error, not a
+  clean report), and a run that explained images still has its maps.zarr;
+- every array of every table exists on disk, and the table's layout was written;
+- every shard has its completion record (``shards/<dataset>/<model>/shard-XXXXX.json``),
+  which parses and matches the CRC-32 of its content that it carries;
 - every Parquet file matches its checksum record (``checksums/<same path>.json``: size and
   CRC-32, written after the file) and parses; a file without a record is damage too (its writer
   stopped between the two), and a completed run must have every shard's metrics.
@@ -23,10 +27,10 @@ from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
-from .errors import StorageError
+from .errors import NotARunError, StorageError
 from .location import Location
 from .names import glob_literal
-from .saliency import SaliencyStore
+from .saliency import SaliencyStore, check_record
 from .tables import checksum_parts, file_checksum
 
 _METRICS = re.compile(r"metrics/dataset=(?P<dataset>[^/]+)/model=(?P<model>[^/]+)/"
@@ -66,29 +70,18 @@ class Report:
 
 
 def verify_run(root: str | os.PathLike[str]) -> Report:
-    """Read the run at ``root`` end to end; see the module docstring."""
+    """Read the run at ``root`` end to end; see the module docstring. A folder that is not a
+    run (missing, empty, a folder of runs) is a :class:`StorageError`, not a clean report."""
     store = SaliencyStore(root)
     loc = store.location
+    _check_is_a_run(loc)
     report = Report()
-    completed_run = False
-    tables = store.tables() if loc.exists("maps.zarr", "zarr.json") else []  # training runs
-    for dataset, model in tables:
-        spec, group = store.table(dataset, model)
-        status = store.shard_status(dataset, model)
-        for k, done in status.items():
-            if not done:
-                report.problems.append(Problem(
-                    loc.path(*store._marker(dataset, model, k)), "no completion record",
-                    dataset, model, k))
-        for path, array in _arrays(group):
-            _check_chunks(report, store, dataset, model, spec.shard_size, path, array)
-    if loc.exists("manifest.parquet"):
-        try:
-            completed_run = all(s == "completed" for s in pq.read_table(
-                loc.path("manifest.parquet"), filesystem=None if loc.local else loc.fs
-            ).column("status").to_pylist())
-        except Exception:  # noqa: BLE001 - reported by the Parquet pass below
-            completed_run = False
+    has_store = loc.exists("maps.zarr", "zarr.json")
+    if not has_store and _is_explain_run(loc):
+        report.problems.append(Problem(loc.path("maps.zarr"), MISSING_STORE))
+    for dataset, model in store.tables() if has_store else []:  # training runs: none
+        _check_table(report, store, dataset, model)
+    completed_run = _completed(loc)
     metrics_seen: set[tuple[str, str, int]] = set()
     for path in loc.glob("**", "*.parquet"):
         rel = path[len(loc.path()):].lstrip("/")
@@ -102,15 +95,94 @@ def verify_run(root: str | os.PathLike[str]) -> Report:
         what = _check_parquet(loc, rel)
         if what:
             report.problems.append(Problem(path, what, *where))
-    if completed_run:  # a finished run has every shard's metrics
-        for dataset, model in tables:
-            spec, _ = store.table(dataset, model)
-            for k in range(spec.n_shards):
+    if completed_run and has_store:  # a finished run has every shard's metrics
+        for dataset, model in store.tables():
+            for k in range(_n_shards(store, dataset, model)):
                 if (dataset, model, k) not in metrics_seen:
                     report.problems.append(Problem(
                         loc.path("metrics", f"dataset={dataset}", f"model={model}"),
                         f"no metrics file of shard {k}", dataset, model, k))
     return report
+
+
+MISSING_STORE = "missing: the run's maps (maps.zarr) are gone"
+#: What a run folder holds; a folder with none of them is not a run.
+_RUN_ENTRIES = ("maps.zarr", "manifest.parquet", "metrics", "training", "shards")
+
+
+def _check_is_a_run(loc: Location) -> None:
+    if not loc.isdir():
+        raise StorageError(f"{loc.url} does not exist: pass a run folder written by "
+                           "`shapcam run` (or a training command)")
+    if any(loc.exists(e) for e in _RUN_ENTRIES):
+        return
+    runs = [d for d in loc.listdir() if any(loc.exists(d, e) for e in _RUN_ENTRIES)]
+    if runs:
+        raise NotARunError(f"{loc.url} is a folder of runs, not a run: verify one of them "
+                           f"({', '.join(runs[:5])}{', ...' if len(runs) > 5 else ''})", runs)
+    raise StorageError(f"{loc.url} is not a run: it holds none of "
+                       f"{', '.join(_RUN_ENTRIES)}")
+
+
+def _is_explain_run(loc: Location) -> bool:
+    """Whether the run explained images (its maps belong in maps.zarr)."""
+    return loc.isdir("shards") or loc.isdir("metrics") or bool(loc.glob("images-*.parquet"))
+
+
+def _completed(loc: Location) -> bool:
+    if not loc.exists("manifest.parquet"):
+        return False
+    try:
+        return all(s == "completed" for s in pq.read_table(
+            loc.path("manifest.parquet"), filesystem=None if loc.local else loc.fs
+        ).column("status").to_pylist())
+    except Exception:  # noqa: BLE001 - reported by the Parquet pass
+        return False
+
+
+def _n_shards(store: SaliencyStore, dataset: str, model: str) -> int:
+    try:
+        return store.table(dataset, model)[0].n_shards
+    except StorageError:  # an unfinished table: reported by _check_table
+        return 0
+
+
+def _check_table(report: Report, store: SaliencyStore, dataset: str, model: str) -> None:
+    """Layout, expected arrays, every chunk, every completion record of one table."""
+    loc = store.location
+    where = f"{store.zarr_path}/{dataset}/{model}"
+    try:
+        spec, group = store.table(dataset, model)
+    except StorageError as exc:
+        report.problems.append(Problem(where, str(exc), dataset, model))
+        return
+    arrays = dict(_arrays(group))
+    for name in expected_arrays(spec):  # on disk: the consolidated listing outlives a deletion
+        if not loc.exists("maps.zarr", dataset, model, *name.split("/"), "zarr.json"):
+            report.problems.append(Problem(f"{where}/{name}", "missing array", dataset, model))
+            arrays.pop(name, None)
+    for k, done in store.shard_status(dataset, model).items():
+        marker = loc.path(*store._marker(dataset, model, k))
+        if not done:
+            report.problems.append(Problem(marker, "no completion record", dataset, model, k))
+            continue
+        try:
+            check_record(loc.fs.cat_file(marker))
+        except (OSError, StorageError) as exc:
+            report.problems.append(Problem(marker, f"completion record: {exc}", dataset,
+                                           model, k))
+    for path, array in arrays.items():
+        _check_chunks(report, store, dataset, model, spec.shard_size, path, array)
+
+
+def expected_arrays(spec) -> list[str]:
+    """Every array a table of ``spec`` holds (``images/...``, ``<method>/maps|raw|stderr``)."""
+    names = [f"images/{a}" for a in ("image_id", "label", "target", "probability", "width",
+                                     "height", "boxes")]
+    for method in spec.raw_shapes:
+        names += [f"{method}/maps", f"{method}/raw"]
+        names += [f"{method}/stderr"] if method in spec.stderr_methods else []
+    return names
 
 
 def _arrays(group):
@@ -164,6 +236,9 @@ def mark_for_repair(root: str | os.PathLike[str], report: Report) -> list[tuple[
     file that is not shard data), so resuming the run recomputes them; returns the shards."""
     store = SaliencyStore(root)
     loc = store.location
+    if any(p.what == MISSING_STORE for p in report.problems):
+        raise StorageError(f"{loc.path('maps.zarr')} is missing: no shard can be recomputed "
+                           "into it; start a new run id")
     if any(p.dataset is not None and p.shard is None for p in report.problems):
         bad = next(p for p in report.problems if p.dataset is not None and p.shard is None)
         raise StorageError(f"{bad.path}: {bad.what}; this array indexes the whole table, so "

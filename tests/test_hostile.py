@@ -3,6 +3,7 @@ ids never reach another run or outside the store, ``verify`` refuses what is not
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -137,3 +138,94 @@ def test_prefect_keys_and_markdown_of_hostile_names_are_inert():
     assert artifact_key("report", "Run_1") == artifact_key("report", "Run_1")
     span = code_span("runs/x`<img src=x onerror=alert(1)>`")
     assert span.startswith("``") and span.endswith("``") and span.count("``") == 2
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A small finished run (2 shards of 2 images, Grad-CAM and Shap-CAM), made once."""
+    from test_pipeline import config_for, run_all
+
+    root = tmp_path_factory.mktemp("finished")
+    model = {"name": "timm:test_resnet", "weights": "random", "layer": None}
+    config = config_for(root / "data", n_images=4, shard_size=2, models=[model],
+                        method_options={"shapcam": {"permutations": 4}})
+    run_all(root / "runs" / "r", config)
+    return root / "runs" / "r", config
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / "runs" / run.name))
+
+
+def _verify(path: Path):
+    return CliRunner().invoke(app, ["verify", str(path)])
+
+
+def test_verify_refuses_what_is_not_a_run(tmp_path, finished_run):
+    res = _verify(tmp_path / "nonexistent" / "x")
+    assert res.exit_code == 2 and "does not exist" in res.output, res.output
+    (tmp_path / "empty").mkdir()
+    res = _verify(tmp_path / "empty")
+    assert res.exit_code == 2 and "is not a run" in res.output, res.output
+    _copy(finished_run[0], tmp_path)
+    res = _verify(tmp_path / "runs")
+    assert res.exit_code == 2 and "folder of runs" in res.output and "r" in res.output
+    assert "no damage found" not in res.output + _verify(tmp_path / "empty").output
+
+
+def test_verify_finds_a_missing_store_array_and_damaged_records(tmp_path, finished_run):
+    import shutil
+
+    from storage import StorageError
+    from storage.verify import mark_for_repair, verify_run
+
+    run = _copy(finished_run[0], tmp_path)
+    assert _verify(run).exit_code == 0
+    shutil.rmtree(run / "maps.zarr" / "sample" / "timm:test_resnet" / "shapcam" / "raw")
+    shards = run / "shards" / "sample" / "timm:test_resnet"
+    (shards / "shard-00000.json").write_text('{"shard": 0, "ima')  # truncated
+    record = json.loads((shards / "shard-00001.json").read_text())
+    record["images"] = 3  # one digit changed after writing
+    (shards / "shard-00001.json").write_text(json.dumps(record))
+    res = _verify(run)
+    assert res.exit_code == 1, res.output
+    assert "shapcam/raw: missing array" in res.output
+    assert "shard 0] " in res.output and "not a readable record" in res.output
+    assert "shard 1] " in res.output and "checksum mismatch" in res.output
+    shutil.rmtree(run / "maps.zarr")
+    report = verify_run(str(run))
+    assert [p.what for p in report.problems if "maps.zarr" in p.path] == [
+        "missing: the run's maps (maps.zarr) are gone"]
+    with pytest.raises(StorageError, match="maps.zarr is missing.*new run id"):
+        mark_for_repair(str(run), report)
+
+
+def test_an_interrupted_table_creation_resumes_and_verifies(tmp_path, finished_run,
+                                                           monkeypatch):
+    """The table's layout is written last: a full disk just before it leaves a table without
+    one, which verify reports (it crashed with KeyError) and a resume makes again (it refused:
+    "exists with another layout None")."""
+    import errno
+
+    import storage.saliency
+    from storage import SaliencyStore, StorageError
+    from storage.verify import verify_run
+    from tasks.pipeline import plan_run
+
+    real = storage.saliency._spec_json
+
+    def full_disk(spec):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.saliency, "_spec_json", full_disk)
+    run = tmp_path / "runs" / "x"
+    with pytest.raises(StorageError, match="disk is full"):
+        plan_run(str(run), "x", finished_run[1])
+    monkeypatch.setattr(storage.saliency, "_spec_json", real)
+    report = verify_run(str(run))
+    assert any("never finished" in p.what for p in report.problems), report.problems
+    plan_run(str(run), "x", finished_run[1])  # the resume's first step
+    spec, _ = SaliencyStore(run).table("sample", "timm:test_resnet")
+    assert spec.n_images == 4 and verify_run(str(run)).problems  # shards still to compute
