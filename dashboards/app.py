@@ -24,6 +24,7 @@ PAGE = 25  # image rows per page of the image table
 MAX_DISAGREEMENT = 1000  # images ranked by map disagreement at most (2 maps read per image)
 SQL_MAX_ROWS = 10_000  # rows a query shows (the page must stay responsive)
 SQL_TIMEOUT = 30.0  # seconds before a query is interrupted
+SQL_MAX_BYTES = 32 * 2**20  # bytes of a result kept: wide values are cut here, not in memory
 
 
 def _args() -> argparse.Namespace:
@@ -188,7 +189,8 @@ def per_class(table: pd.DataFrame, methods: list[str], titles: dict[str, str]) -
 def sql_box(run: Run) -> None:
     st.subheader("SQL (DuckDB over metrics, manifest, summary)")
     st.caption(f"Read-only: queries see this run's tables and nothing else (no files, URLs, "
-               f"extensions or settings); at most {SQL_MAX_ROWS:,} rows, {SQL_TIMEOUT:g} s.")
+               f"extensions or settings); at most {SQL_MAX_ROWS:,} rows, "
+               f"{SQL_MAX_BYTES // 2**20} MB, {SQL_TIMEOUT:g} s.")
     with st.form("sql_form"):
         query = st.text_area("Query", "select method, count(*) as images, avg(avg_drop) as "
                              "avg_drop, avg(insertion) as insertion from metrics group by "
@@ -198,12 +200,14 @@ def sql_box(run: Run) -> None:
         return
     st.caption(f"ran: {query}")
     try:
-        result = run.sql(query, max_rows=SQL_MAX_ROWS, timeout=SQL_TIMEOUT)
+        result = run.sql(query, max_rows=SQL_MAX_ROWS, max_bytes=SQL_MAX_BYTES,
+                         timeout=SQL_TIMEOUT)
     except StorageError as exc:
         st.error(str(exc))
         return
     if result.attrs.get("truncated"):
-        st.warning(f"showing the first {SQL_MAX_ROWS:,} rows")
+        st.warning(f"showing the first {len(result):,} rows (at most {SQL_MAX_ROWS:,} rows "
+                   f"and {SQL_MAX_BYTES // 2**20} MB)")
     st.dataframe(result, hide_index=True, use_container_width=True)
     st.download_button("Download CSV", result.to_csv(index=False), "query.csv",
                        "text/csv", key="csv")

@@ -23,6 +23,7 @@ import pyarrow.dataset as pads
 from .errors import IncompleteShardError, NotARunError, StorageError
 from .location import Location
 from .saliency import SaliencyStore
+from .sandbox import RESULT_BYTES, SANDBOX, run_query
 from .tables import METRICS_SCHEMA, PARTITIONS
 
 
@@ -187,49 +188,22 @@ class Run:
                           filesystem=fs, exclude_invalid_files=True)
         return ds.to_table().to_pandas().sort_values(["config", "epoch"]).reset_index(drop=True)
 
-    def sql(self, query: str, *, max_rows: int | None = None,
+    def sql(self, query: str, *, max_rows: int | None = None, max_bytes: int = RESULT_BYTES,
             timeout: float | None = None) -> pd.DataFrame:
         """Run one SQL query (DuckDB dialect) over the run's tables, in a sandbox.
 
         The tables ``metrics``, ``manifest``, ``summary`` and ``training`` (those the run has)
         are copied into an in-memory database; then DuckDB's own settings shut everything else:
         no file or URL access (``read_csv``, ``glob``, ``COPY``, ``ATTACH`` of a file,
-        ``EXPORT``), no extension installed or loaded, no spilling to disk, and the
-        configuration locked (``SET``, ``RESET`` and setting ``PRAGMA`` s fail). Refusals are
-        :class:`StorageError` with DuckDB's one-line reason. ``max_rows`` caps the rows
-        returned (the frame's ``attrs["truncated"]`` says whether more existed); ``timeout``
-        (seconds) interrupts a long query. The dashboard uses both.
+        ``EXPORT``), no extension installed or loaded, no spilling to disk, 1 GB of memory, and
+        the configuration locked (``SET``, ``RESET`` and setting ``PRAGMA`` s fail). Refusals
+        are :class:`StorageError` with DuckDB's one-line reason. The result stops at
+        ``max_rows`` rows and ``max_bytes`` bytes (the frame's ``attrs["truncated"]`` says
+        whether more existed); ``timeout`` (seconds) and Ctrl-C interrupt a long query
+        (:mod:`storage.sandbox`).
         """
-        import threading
-
-        import duckdb
-
-        con = self._sandbox()
-        timer = threading.Timer(timeout, con.interrupt) if timeout else None
-        try:
-            if timer is not None:
-                timer.start()
-            rel = con.sql(query)
-            if rel is None:  # a statement without a result (CREATE, ...): in memory only
-                return pd.DataFrame()
-            df = rel.df() if max_rows is None else rel.limit(max_rows + 1).df()
-            truncated = max_rows is not None and len(df) > max_rows
-            if truncated:
-                df = df.iloc[:max_rows]
-            df.attrs["truncated"] = truncated
-            return df
-        except duckdb.InterruptException as exc:
-            raise StorageError(f"query stopped after {timeout:g} s on {self.root}") from exc
-        except duckdb.Error as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if isinstance(exc, duckdb.PermissionException) or "has been locked" in first:
-                raise StorageError(f"query refused on {self.root}: {first} (queries see only "
-                                   f"the run's tables: {', '.join(SQL_TABLES)})") from exc
-            raise StorageError(f"query failed on {self.root}: {first}") from exc
-        finally:
-            if timer is not None:
-                timer.cancel()
-            con.close()
+        return run_query(self._sandbox(), query, str(self.root), max_rows=max_rows,
+                         max_bytes=max_bytes, timeout=timeout)
 
     def _sandbox(self):
         """An in-memory DuckDB holding copies of the run's tables, locked down."""
@@ -242,7 +216,7 @@ class Run:
                     con.register(f"_{name}_arrow", table)
                     con.execute(f"create table {name} as select * from _{name}_arrow")
                     con.unregister(f"_{name}_arrow")
-            for setting in _SANDBOX:
+            for setting in SANDBOX:
                 con.execute(setting)
         except duckdb.Error as exc:
             con.close()
@@ -307,22 +281,6 @@ def _add_missing_columns(con, table: str) -> None:
         if field.name not in have:
             con.execute(f"alter table {table} add column {field.name} "
                         f"{_DUCKDB_TYPES[str(field.type)]}")
-
-
-#: The tables a query sees (those the run has).
-SQL_TABLES = ("metrics", "manifest", "summary", "training")
-
-#: Order matters: the temp directory can only be cleared while external access is on, and the
-#: lock comes last.
-_SANDBOX = (
-    "set temp_directory = ''",  # never spill to disk
-    "set memory_limit = '2GB'",
-    "set enable_external_access = false",  # files, URLs, COPY, ATTACH of files, EXPORT
-    "set autoinstall_known_extensions = false",
-    "set autoload_known_extensions = false",
-    "set allow_community_extensions = false",
-    "set lock_configuration = true",  # SET / RESET / PRAGMA settings refused from here on
-)
 
 
 def _partition_schema():

@@ -57,8 +57,9 @@ def parse_settings(items: list[str] | None, methods: list[str] | tuple[str, ...]
             raise ShapCAMError(f"--set {key}: use METHOD.KEY=VALUE with METHOD one of "
                                f"{', '.join(methods)}")
         option = option.replace("-", "_")
-        check_options(method, {option: None})
-        per_method.setdefault(method, {})[option] = _typed(raw)
+        value = _typed(raw)
+        check_options(method, {option: value})
+        per_method.setdefault(method, {})[option] = value
     return per_method
 
 
@@ -226,6 +227,12 @@ class RunConfig:
                                    "AMOUNT > 0 (e.g. GPU=1)")
         if not self.methods or not self.models:
             raise ShapCAMError("a run needs at least one method and one model")
+        for what, names in (("--methods", self.methods),
+                            ("--models", [m.name for m in self.models])):
+            twice = sorted({n for n in names if list(names).count(n) > 1})
+            if twice:  # each would write its rows twice
+                raise ShapCAMError(f"{what} lists {', '.join(twice)} more than once; list "
+                                   "each once")
         for m in self.methods:
             method_class(m)  # an unknown name is an error listing the registry
         for m, options in self.method_options.items():

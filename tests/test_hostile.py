@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import time
 from pathlib import Path
 
 import pytest
@@ -229,3 +230,62 @@ def test_an_interrupted_table_creation_resumes_and_verifies(tmp_path, finished_r
     plan_run(str(run), "x", finished_run[1])  # the resume's first step
     spec, _ = SaliencyStore(run).table("sample", "timm:test_resnet")
     assert spec.n_images == 4 and verify_run(str(run)).problems  # shards still to compute
+
+
+WIDE = "select repeat('x', 1000000) || i::varchar as s from range({n}) t(i)"
+
+
+def test_wide_sql_results_stop_at_the_byte_budget(finished_run):
+    from storage import StorageError, open_run
+
+    run = open_run(finished_run[0])
+    df = run.sql(WIDE.format(n=200), max_bytes=8 * 2**20)
+    assert df.attrs["truncated"] and 1 <= len(df) <= 8  # ~1 MB each
+    assert run.sql(WIDE.format(n=5), max_rows=2).attrs["truncated"]
+    few = run.sql(WIDE.format(n=3))
+    assert len(few) == 3 and not few.attrs["truncated"]
+    with pytest.raises(StorageError, match="stopped after 0.5 s"):
+        run.sql("select count(*) from range(1000000000000) a", timeout=0.5)
+    assert run.sql("select current_setting('secret_directory') as d")["d"][0] == ""
+
+
+def test_a_query_of_wide_values_stays_within_bounded_memory(finished_run):
+    """The issue's attack: 1,200 values of 1 MB peaked at 5.8 GB (an uncaught ArrowMemoryError
+    at 1,500 rows). Now DuckDB's 1 GB and the byte budget bound it (peak RSS of a process that
+    runs only the query)."""
+    import resource
+    import subprocess
+    import sys
+
+    code = ("import sys; from storage import open_run, StorageError\n"
+            "try:\n"
+            f"    df = open_run(sys.argv[1]).sql({WIDE.format(n=1500)!r})\n"
+            "    print('rows', len(df), df.attrs['truncated'])\n"
+            "except StorageError as exc:\n"
+            "    print('refused', exc)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(finished_run[0])],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "refused" in out.stdout and "memory" in out.stdout or \
+        "True" in out.stdout, out.stdout
+    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    assert peak_gb < 3.0, peak_gb
+
+
+def test_a_query_stops_on_ctrl_c(finished_run, tmp_path):
+    """Ctrl-C interrupts DuckDB (before: ignored until the query ended, here in hours)."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import sys; from storage import open_run; run = open_run(sys.argv[1])\n"
+            "print('ready', flush=True)\n"
+            "run.sql('select count(*) from range(1000000000000) a')\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(finished_run[0])], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(1.0)  # into the query
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in out, out[-2000:]

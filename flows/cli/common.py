@@ -73,8 +73,8 @@ Seed = Annotated[int, typer.Option(help="Sampling and Shap-CAM seed.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
 AutoDevice = Annotated[str, typer.Option(help="cpu, cuda or cuda:N (default: cuda when present).",
                                          show_default=False)]
-Workers = Annotated[int, typer.Option(help="Local Dask worker processes (CPU; with --device cuda: "
-                                               "one per GPU, see --gpus).")]
+Workers = Annotated[int, typer.Option(
+    min=1, help="Local Dask worker processes (CPU; with --device cuda: one per GPU, see --gpus).")]
 BatchImages = Annotated[int | None, typer.Option(
     help="Images per compute batch (default: 8 on CPU, 64 on GPU); results do not depend on it.",
     show_default=False)]

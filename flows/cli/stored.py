@@ -99,7 +99,10 @@ def query(
         help="SQL over the tables metrics, manifest, summary, training (DuckDB dialect, "
              "read-only). Without it: the run's tables and their row counts.")] = None,
     csv: Annotated[Path | None, typer.Option(help="Also write the result as CSV.")] = None,
-    max_rows: Annotated[int, typer.Option(help="Rows to print.")] = 50,
+    max_rows: Annotated[int, typer.Option(min=1, help="Rows to print.")] = 50,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds before the query is "
+                                                         "stopped (Ctrl-C stops it too).")
+                       ] = 300.0,
 ) -> None:
     """Query a run: e.g. "select method, avg(avg_drop) from metrics group by method"."""
     from storage import NotARunError, open_run
@@ -110,10 +113,17 @@ def query(
         except NotARunError as exc:
             _list_runs(run, exc.runs, as_error=sql is not None)
             return
-        df = handle.sql(sql) if sql else handle.sql(
-            "select table_name as \"table\", estimated_size as \"rows\", column_count as "
-            "columns from duckdb_tables() order by table_name")
+        # only what is printed is converted, unless the whole result goes to --csv (whose
+        # size the sandbox's byte budget bounds)
+        df = handle.sql(sql or "select table_name as \"table\", estimated_size as \"rows\", "
+                        "column_count as columns from duckdb_tables() order by table_name",
+                        max_rows=None if csv is not None else max_rows, timeout=timeout)
     typer.echo(df.to_string(max_rows=max_rows, index=False))
+    if df.attrs.get("truncated"):
+        typer.secho(f"(more rows exist: {len(df):,} shown; write them with --csv, aggregate, or "
+                    "select narrower columns)" if csv is None else
+                    f"(the result was cut at {len(df):,} rows by the byte budget)",
+                    fg=typer.colors.YELLOW, err=True)
     if csv is not None:
         df.to_csv(csv, index=False)
 

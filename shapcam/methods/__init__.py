@@ -34,14 +34,34 @@ def method_options(name: str) -> dict[str, Any]:
     return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
+#: Annotation words -> the Python types of values that fit them (``Literal``: the method
+#: checks the value itself).
+_FITS: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
+    "None": (type(None),), "tuple": (tuple, list), "Literal": (str,)}
+
+
 def check_options(name: str, options: dict[str, Any]) -> None:
-    """An option that method ``name`` does not take is an error listing those it takes."""
+    """An option that method ``name`` does not take is an error listing those it takes; a
+    value of the wrong type (``permutations="abc"``) is an error naming the type it takes."""
     known = method_options(name)
-    for key in options:
+    params = inspect.signature(method_class(name).__init__).parameters
+    for key, value in options.items():
         if key not in known:
             listed = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
             raise ShapCAMError(f"bad option for {name}: it has no option {key!r} "
                                f"(its options: {listed})")
+        annotation = str(params[key].annotation)
+        words = [w.strip().split("[")[0] for w in annotation.split("|")]
+        if value is None and "None" not in annotation:
+            raise ShapCAMError(f"bad option for {name}: {key} takes {annotation}, not none")
+        fits = [_FITS.get(w) for w in words]
+        if value is None or None in fits:  # an annotation this check does not read
+            continue
+        allowed = tuple(t for ts in fits for t in ts)
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise ShapCAMError(f"bad option for {name}: {key} takes {annotation}, got "
+                               f"{value!r}")
 
 
 def build_method(name: str, model: Any, options: dict[str, Any] | None = None,
