@@ -137,11 +137,11 @@ def overlay_grid(photos: list[tuple[str, np.ndarray | None]],
     for i, (image_id, photo) in enumerate(photos):
         if photo is not None:
             axes[i, 0].imshow(photo)
-        axes[i, 0].set_title(image_id, fontsize=7)
+        axes[i, 0].set_title(image_id, fontsize=7, parse_math=False)  # names are data
         for j, (m, stack) in enumerate(maps.items(), start=1):
             axes[i, j].imshow(overlay(photo, stack[i]))
             if i == 0:
-                axes[i, j].set_title(titles.get(m, m), fontsize=9)
+                axes[i, j].set_title(titles.get(m, m), fontsize=9, parse_math=False)
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
@@ -160,7 +160,7 @@ def save_overlay_figure(photo: np.ndarray, saliency: np.ndarray, path: str | Pat
     height, width = photo.shape[:2]
     fig, ax = plt.subplots(figsize=(6, 6 * height / width + 0.6), dpi=100)
     ax.imshow(overlay(photo, saliency, boxes))
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=10, parse_math=False)
     ax.axis("off")
     fig.colorbar(ScalarMappable(cmap="jet"), ax=ax, fraction=0.046, pad=0.04, label="saliency")
     fig.tight_layout()

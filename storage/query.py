@@ -26,6 +26,11 @@ from .saliency import SaliencyStore
 from .sandbox import RESULT_BYTES, SANDBOX, run_query
 from .tables import METRICS_SCHEMA, PARTITIONS
 
+#: Photos opened for pages and reports: refused over this many pixels (before decoding),
+#: drawn at most this many pixels a side.
+PHOTO_MAX_PIXELS = 100_000_000
+PHOTO_MAX_SIDE = 1024
+
 
 class Run:
     """A finished or running run folder (``maps.zarr``, ``metrics/``, ``manifest.parquet``)."""
@@ -132,10 +137,12 @@ class Run:
         fs = None if self.location.local else self.location.fs
         return pq.read_table(self.location.path(name), filesystem=fs).to_pandas()
 
-    def photo(self, dataset: str, image_id: str, size: tuple[int, int] | None = None
-              ) -> np.ndarray:
+    def photo(self, dataset: str, image_id: str, size: tuple[int, int] | None = None,
+              max_side: int = PHOTO_MAX_SIDE) -> np.ndarray:
         """The RGB photo of ``image_id`` as uint8 ``(h, w, 3)``, resized to ``size`` (w, h):
-        the frame of the stored maps when ``size`` is the map size."""
+        the frame of the stored maps when ``size`` is the map size; else shrunk to at most
+        ``max_side`` pixels a side (reports and pages draw it, never at a camera's full
+        resolution). A photo over :data:`PHOTO_MAX_PIXELS` is refused before decoding."""
         from PIL import Image
 
         index = self.image_index(dataset)
@@ -145,9 +152,15 @@ class Run:
         path = row["path"].iloc[0]
         try:
             with Image.open(path) as im:
+                if im.width * im.height > PHOTO_MAX_PIXELS:
+                    raise StorageError(f"the photo of {image_id} ({path}) has {im.width} x "
+                                       f"{im.height} pixels, over the budget of "
+                                       f"{PHOTO_MAX_PIXELS:,}")
+                target = size or _shrunk(im.size, max_side)
+                im.draft("RGB", target)  # JPEG: decode at a fraction of the size when it can
                 im = im.convert("RGB")
-                if size is not None:
-                    im = im.resize(size, Image.BILINEAR)
+                if im.size != target:
+                    im = im.resize(target, Image.BILINEAR)
                 return np.asarray(im)
         except OSError as exc:
             raise StorageError(f"cannot read the photo of {image_id}: {path}: {exc}") from exc
@@ -158,8 +171,12 @@ class Run:
             raise StorageError(f"{self.root} has no metrics yet (no metrics/ folder)")
         part = pads.partitioning(_partition_schema(), flavor="hive")
         fs = None if self.location.local else self.location.fs
-        return pads.dataset(self.location.path("metrics"), format="parquet", partitioning=part,
-                            schema=_full_schema(), filesystem=fs, exclude_invalid_files=True)
+        # the finished files only (writers' temporary files end in .tmp<pid>), and every one
+        # of them: a damaged file is an error, never rows silently left out
+        files = self.location.glob("metrics", "**", "*.parquet")
+        return pads.dataset(files, format="parquet", partitioning=part,
+                            partition_base_dir=self.location.path("metrics"),
+                            schema=_full_schema(), filesystem=fs)
 
     def metrics(self, filters: Sequence[tuple[str, str, Any]] | None = None,
                 columns: Sequence[str] | None = None) -> pd.DataFrame:
@@ -174,8 +191,14 @@ class Run:
             if term is None:
                 raise StorageError(f"unknown filter operator {op!r}; use = != > >= < <= in")
             expr = term if expr is None else expr & term
-        table = self._metrics_dataset().to_table(filter=expr, columns=list(columns) if columns
-                                                 else None)
+        try:
+            table = self._metrics_dataset().to_table(
+                filter=expr, columns=list(columns) if columns else None)
+        except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError
+            reason = str(exc).strip().splitlines()[0].split(". ")[0][:300]
+            raise StorageError(f"a metrics file of {self.root} is damaged ({reason}): "
+                               "`shapcam verify` names it, `shapcam run --run-id ID --repair` "
+                               "recomputes its shard") from None
         return table.to_pandas()
 
     def training(self) -> pd.DataFrame:
@@ -303,6 +326,11 @@ def _full_schema():
 
 #: What a run folder holds (a training run has no maps).
 _RUN_PARTS = ("maps.zarr", "metrics", "manifest.parquet", "training")
+
+
+def _shrunk(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    scale = min(1.0, max_side / max(size))
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
 def run_folders(root: str | os.PathLike[str] | Location) -> list[str]:

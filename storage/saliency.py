@@ -218,7 +218,13 @@ class SaliencyStore:
         if not self.location.exists("maps.zarr", "zarr.json"):
             raise StorageError(f"{self.zarr_path} is not a saliency store (no zarr.json); "
                                "pass the run folder that holds maps.zarr")
-        group = zarr.open_group(self.zarr_path, mode=mode, zarr_format=3)
+        try:
+            group = zarr.open_group(self.zarr_path, mode=mode, zarr_format=3)
+        except (ValueError, TypeError, KeyError) as exc:  # JSONDecodeError is a ValueError
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else \
+                type(exc).__name__
+            raise StorageError(f"{self.zarr_path}/zarr.json is damaged ({reason}); the run "
+                               "cannot be read: start a new run id") from None
         version = group.attrs.get("schema_version")
         if version != SCHEMA_VERSION:
             newer = isinstance(version, int) and version > SCHEMA_VERSION

@@ -289,3 +289,94 @@ def test_a_query_stops_on_ctrl_c(finished_run, tmp_path):
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "KeyboardInterrupt" in out, out[-2000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "shapcam", "--set", "shapcam.permutations=abc"],
+     "permutations takes int, got 'abc'"),
+    (["--methods", "gradcam,gradcam"], "--methods lists gradcam more than once"),
+    (["--workers", "0"], "--workers"),
+])
+def test_careless_run_options_are_one_clear_error(tmp_path, args, message):
+    res = CliRunner().invoke(app, ["run", "--store", str(tmp_path / "runs"), *args])
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "runs").exists()
+
+
+def _huge_png(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose header declares ``width x height`` pixels (a decompression bomb's
+    shape: nothing is decoded until the pixels are asked for)."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr:ihdr + 17]))
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", crc)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_every_image_opened_has_a_pixel_budget(tmp_path, finished_run):
+    import pandas as pd
+    from PIL import Image
+
+    from shapcam.data.images import load_image
+    from storage import StorageError, open_run
+
+    bomb = _huge_png(tmp_path / "bomb.png", 12000, 12000)
+    with pytest.raises(ShapCAMError, match="12000 x 12000 pixels, over the budget"):
+        load_image(bomb)
+    run = _copy(finished_run[0], tmp_path)
+    index_file = run / "images-sample.parquet"
+    index = pd.read_parquet(index_file)
+    big = tmp_path / "big.jpg"
+    Image.new("RGB", (3000, 2000), (200, 30, 30)).save(big)
+    index.loc[0, "path"], index.loc[1, "path"] = str(bomb), str(big)
+    index.to_parquet(index_file)
+    (run / "checksums" / "images-sample.parquet.json").unlink()
+    handle = open_run(run)
+    with pytest.raises(StorageError, match="over the budget"):
+        handle.photo("sample", index.loc[0, "image_id"])
+    photo = handle.photo("sample", index.loc[1, "image_id"])
+    assert photo.shape == (683, 1024, 3)  # drawn at a bounded size, not 3000 x 2000
+
+
+def test_file_names_are_data_not_templates():
+    """An image id such as ``price_$1_$2`` was read as TeX by matplotlib (the report crashed
+    after the manifest said completed)."""
+    import numpy as np
+
+    from dashboards.render import overlay_grid
+
+    photo = np.zeros((8, 8, 3), np.uint8)
+    png = overlay_grid([("price_$1_$2", photo)], {"gradcam": np.zeros((1, 8, 8))},
+                       {"gradcam": "$\\frac{a}{"})
+    assert png[:4] == b"\x89PNG"
+
+
+def test_one_damaged_run_is_one_line_and_a_damaged_metrics_file_stops_the_report(
+        tmp_path, finished_run):
+    from dashboards.data import list_runs
+
+    good, bad = _copy(finished_run[0], tmp_path), tmp_path / "runs" / "bad"
+    import shutil
+
+    shutil.copytree(good, bad)
+    text = (bad / "maps.zarr" / "zarr.json").read_text()
+    (bad / "maps.zarr" / "zarr.json").write_text(text[:100])  # truncated
+    runs = {r.path: r for r in list_runs(tmp_path / "runs")}
+    assert runs[str(bad)].status == "unreadable" and "zarr.json is damaged" in \
+        runs[str(bad)].problem
+    assert runs[str(good)].status != "unreadable"
+    res = CliRunner().invoke(app, ["query", str(tmp_path / "runs")])
+    assert res.exit_code == 0 and "unreadable" in res.output and "Traceback" not in res.output
+    metrics = sorted((good / "metrics").rglob("*.parquet"))[0]
+    metrics.write_bytes(metrics.read_bytes()[:300])  # truncated
+    res = CliRunner().invoke(app, ["report", str(good)])
+    assert res.exit_code == 2 and "metrics file" in res.output and "damaged" in res.output, \
+        res.output

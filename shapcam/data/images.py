@@ -12,9 +12,14 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import ShapCAMError
 from ..zoo.preprocessing import INPUT_SIZE, preprocess
 
+#: Pixels an input image may have: checked from its header, before it is decoded (a 140 KB
+#: PNG can declare 12000 x 12000 pixels and take gigabytes once decoded).
+MAX_PIXELS = 100_000_000
+
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB; a missing, unreadable or non-image file is a clear error."""
+    """Open an image file as RGB; a missing, unreadable or non-image file, or one over
+    :data:`MAX_PIXELS`, is a clear error."""
     path = Path(path)
     if not path.exists():
         raise ShapCAMError(f"image file {path} does not exist")
@@ -22,6 +27,9 @@ def load_image(path: str | Path) -> Image.Image:
         raise ShapCAMError(f"{path} is not a file; pass image files (JPEG, PNG, ...)")
     try:
         with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise ShapCAMError(f"{path} has {img.width} x {img.height} pixels, over the "
+                                   f"budget of {MAX_PIXELS:,}: downscale it first")
             img.load()
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
