@@ -92,9 +92,10 @@ def explain_dataset(run_dir: str, run_id: str, config: dict[str, Any]) -> dict[s
             update_progress_artifact(progress, 100.0 * done / len(futures))
     task_seconds = time.perf_counter() - tasks_started
     tables = aggregate(run_dir, cfg)
+    report = write_report(run_dir, cfg, tables)
+    # last: "completed" in the manifest means the summary and the report are written too
     write_run_manifest(run_dir, run_id, cfg, plan, started)
     _summary_artifacts(run_id, cfg, tables)
-    report = write_report(run_dir, cfg, tables)
     markdown = tables_markdown(cfg, tables)
     create_markdown_artifact(key=artifact_key("report", run_id),
                              markdown=markdown + f"\n\nReport: {code_span(report)}  \n"

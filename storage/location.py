@@ -6,6 +6,7 @@ Local writes are atomic by temporary file + rename; object stores write whole ob
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 from typing import Any
@@ -75,9 +76,14 @@ class Location:
         self.fs.makedirs(parent, exist_ok=True)
         if self.local:
             tmp = f"{target}.tmp{os.getpid()}"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, target)
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, target)
+            except BaseException:  # a full disk, a stop: no half-written file left behind
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
         else:
             self.fs.pipe_file(target, data)
         return target

@@ -14,6 +14,7 @@ from typing import Any
 from dashboards import render
 from shapcam.evaluation.evaluate import POINTING_COUNTS
 from storage import StorageError, open_run
+from storage.errors import storage_errors
 from storage.location import Location
 
 from .config import RunConfig
@@ -83,5 +84,6 @@ def write_report(run_dir: str, config: RunConfig, tables: dict[str, Any]) -> str
         if examples:
             sections.append(examples)
     page = render.page("Shap-CAM report", "".join(sections))
-    return Location(run_dir).write_bytes(page.encode(), "report.html")
+    with storage_errors(f"{run_dir}/report.html"):  # a full disk: one line, nothing half-written
+        return Location(run_dir).write_bytes(page.encode(), "report.html")
 

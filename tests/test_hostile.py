@@ -380,3 +380,34 @@ def test_one_damaged_run_is_one_line_and_a_damaged_metrics_file_stops_the_report
     res = CliRunner().invoke(app, ["report", str(good)])
     assert res.exit_code == 2 and "metrics file" in res.output and "damaged" in res.output, \
         res.output
+
+
+def test_a_full_disk_while_the_report_is_written_is_one_error_and_leaves_nothing(
+        tmp_path, finished_run, monkeypatch):
+    import errno
+
+    import storage.location
+    from storage import StorageError
+    from tasks.pipeline import aggregate
+    from tasks.reports import write_report
+
+    run = _copy(finished_run[0], tmp_path)
+    tables = aggregate(str(run), finished_run[1])
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.location.os, "replace", full)
+    with pytest.raises(StorageError, match="disk is full"):
+        write_report(str(run), finished_run[1], tables)
+    assert not list(run.glob("report.html*"))  # no temporary file left
+
+
+def test_the_manifest_says_completed_only_after_the_report():
+    """The flow writes the report, then the manifest (a failed report left 'completed')."""
+    import inspect
+
+    from flows.explain_dataset import explain_dataset
+
+    source = inspect.getsource(explain_dataset.fn)
+    assert source.index("write_report(") < source.index("write_run_manifest(")
