@@ -11,7 +11,9 @@ cluster without them fails within ``resource_wait`` seconds instead of waiting f
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,6 +30,7 @@ from tqdm import tqdm
 from dashboards.render import code_span
 from shapcam.errors import ShapCAMError
 from storage import SaliencyStore
+from storage.lock import run_lock
 from tasks.config import RunConfig
 from tasks.pipeline import (
     aggregate,
@@ -55,8 +58,19 @@ def _summary_artifacts(run_id: str, config: RunConfig, tables: dict[str, Any]) -
             description=f"{config.dataset} / {model}, protocol {config.protocol}")
 
 
+def one_writer(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn(run_dir, ...)`` holding the run's lock (:func:`storage.lock.run_lock`): two
+    runs of one id, from the CLI, a deployment or ``serve``, never write at once."""
+    @functools.wraps(fn)
+    def locked(run_dir: str, *args: Any, **kwargs: Any) -> Any:
+        with run_lock(run_dir):
+            return fn(run_dir, *args, **kwargs)
+    return locked
+
+
 @flow(name="explain-dataset", flow_run_name="explain {config[dataset]} ({run_id})",
       log_prints=True)
+@one_writer
 def explain_dataset(run_dir: str, run_id: str, config: dict[str, Any]) -> dict[str, Any]:
     """Explain and evaluate a dataset into ``run_dir`` (Zarr maps, Parquet metrics, report).
 
@@ -108,6 +122,7 @@ def explain_dataset(run_dir: str, run_id: str, config: dict[str, Any]) -> dict[s
 
 
 @flow(name="evaluate-store", flow_run_name="evaluate {run_id} ({protocol})")
+@one_writer
 def evaluate_store(run_dir: str, run_id: str, protocol: str = "scorecam",
                    causal: bool = True) -> dict[str, Any]:
     """(Re)compute the metrics of an existing store with ``protocol`` without recomputing maps.

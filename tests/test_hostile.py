@@ -411,3 +411,44 @@ def test_the_manifest_says_completed_only_after_the_report():
 
     source = inspect.getsource(explain_dataset.fn)
     assert source.index("write_report(") < source.index("write_run_manifest(")
+
+
+def test_one_writer_per_run_and_stale_locks_are_taken_over(tmp_path, monkeypatch):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from storage.lock import RunLockedError, run_lock
+
+    run = tmp_path / "runs" / "r"
+    code = ("import sys, time; from storage.lock import run_lock\n"
+            "with run_lock(sys.argv[1]):\n"
+            "    print('held', flush=True); time.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLockedError, match=f"another process \\(pid {holder.pid} "), \
+                run_lock(run):
+            pass
+        monkeypatch.chdir(tmp_path)
+        res = CliRunner().invoke(app, ["run", "--methods", "gradcam", "--no-causal",
+                                       "--store", str(tmp_path / "runs"), "--run-id", "r"])
+        assert res.exit_code == 2 and f"pid {holder.pid}" in res.output, res.output
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with run_lock(run), run_lock(run):  # its owner is gone: taken over; re-entrant
+        assert json.loads((run / ".lock").read_text())["pid"] == os.getpid()
+    assert not (run / ".lock").exists()
+    now = time.time()
+    for heartbeat, refused in ((now, True), (now - 600, False)):  # another machine's lock
+        (run / ".lock").write_text(json.dumps({"host": socket.gethostname() + "-other",
+                                               "pid": 1, "heartbeat": heartbeat}))
+        if refused:
+            with pytest.raises(RunLockedError, match="-other"), run_lock(run):
+                pass
+        else:
+            with run_lock(run):
+                pass

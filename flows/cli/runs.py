@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from storage.lock import run_lock
 from storage.names import check_run_id
 from tasks.config import ALL_METHODS, DEFAULT_MODEL, DEFAULT_WEIGHTS, RunConfig, parse_resources
 
@@ -169,9 +170,9 @@ def run(run_id: RunId = None, repair: Annotated[bool, typer.Option(
     with user_errors():
         run_dir = run_dir_for(options["store"], run_id)
     typer.echo(f"run {run_id}, store {run_dir}")
-    if repair:
-        _repair(run_dir)
-    with user_errors(resume=lambda: _resume_hint(run_dir, run_id, config)):
+    with user_errors(resume=lambda: _resume_hint(run_dir, run_id, config)), run_lock(run_dir):
+        if repair:  # under the run's lock, as the flow: nobody writes what is repaired
+            _repair(run_dir)
         result = run_flow(explain_dataset, runner_for(config, options), typer.echo,
                           run_dir=run_dir, run_id=run_id, config=config.to_dict())
     for model, table in result["tables"].items():
