@@ -116,3 +116,49 @@ def test_serve_schedules_a_deployment_whose_run_completes(prefect_server, tmp_pa
         if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGKILL)
             serve.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.real_weights
+def test_serve_stops_on_ctrl_c_with_a_flow_run_in_progress(prefect_server, tmp_path):
+    """Ctrl-C (SIGINT to the process group) while a served run computes: serve, the flow-run
+    subprocess and its Dask workers are gone, and the run is Cancelled (before: all three
+    still ran 21 s later)."""
+    import psutil
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api = f"{prefect_server}/api"
+    env = {**os.environ, "PREFECT_API_URL": api, "PYTHONPATH": str(REPO)}
+    serve = subprocess.Popen(
+        [sys.executable, "-c", "from flows.cli import app; app()", "serve", "--name", "slow",
+         "--root", str(tmp_path / "data"), "--store", str(tmp_path / "runs"), "--methods",
+         "rise", "--set", "rise.n_masks=8000", "--no-causal", "--shard-size", "1",
+         "--workers", "1"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    try:
+        with temporary_settings({PREFECT_API_URL: api}):
+            asyncio.run(_wait_for_deployment("scheduled-explain/slow", 120))
+            run = run_deployment("scheduled-explain/slow", timeout=0)
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and not list(tmp_path.glob("runs/*/maps.zarr")):
+                time.sleep(1)  # until the run is planned: its shard tasks go to the workers
+            assert list(tmp_path.glob("runs/*/maps.zarr")), serve.poll()
+            time.sleep(5)
+            descendants = psutil.Process(serve.pid).children(recursive=True)
+            os.killpg(serve.pid, signal.SIGINT)  # Ctrl-C in its terminal
+            out, _ = serve.communicate(timeout=60)
+            _, alive = psutil.wait_procs(descendants, timeout=5)
+            assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+            assert "stopped by SIGINT" in out and "Traceback" not in out, out[-3000:]
+
+            async def state():
+                async with get_client() as client:
+                    return (await client.read_flow_run(run.id)).state
+            assert asyncio.run(state()).is_cancelled()
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait()

@@ -313,12 +313,13 @@ def serve(
     with user_errors():
         config = run_config(options)  # fail now, not at 2 am
         preflight(config, options["dask_address"], options["gpus"])
-    from prefect import serve as prefect_serve
     from prefect.schedules import Cron
     from prefect.types.entrypoint import EntrypointType
 
     from ..runtime import prefect_api
     from ..scheduled import scheduled_explain
+    from ..serving import serve_until_stopped
+    from ..stops import Stopped
 
     params = {"config": config.to_dict(), "store": store_path(options["store"]),
               "workers": options["workers"], "gpus": options["gpus"],
@@ -328,8 +329,13 @@ def serve(
         entrypoint_type=EntrypointType.MODULE_PATH,
         description=f"shapcam run on {config.dataset} ({', '.join(config.methods)}), cron "
                     f"{cron!r} {timezone}")
-    with prefect_api(typer.echo) as base:
-        typer.echo(f"deployment scheduled-explain/{name}, cron {cron!r} ({timezone}); trigger "
-                   f"now with: PREFECT_API_URL={base}/api prefect deployment run "
-                   f"scheduled-explain/{name}")
-        prefect_serve(deployment, print_starting_message=False)
+    try:
+        with prefect_api(typer.echo) as base:
+            typer.echo(f"deployment scheduled-explain/{name}, cron {cron!r} ({timezone}); "
+                       f"trigger now with: PREFECT_API_URL={base}/api prefect deployment run "
+                       f"scheduled-explain/{name}")
+            serve_until_stopped(deployment)
+    except Stopped as stop:
+        typer.secho(f"serve stopped by {stop.name}: runs in progress are marked Cancelled and "
+                    "their processes stopped", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(stop.exit_code) from None
