@@ -5,8 +5,8 @@ before it returns, and owns SIGTERM. Here both SIGTERM and SIGINT stop at once, 
 Prefect API is still up: every process this command started in its own session is stopped
 (the flow-run subprocess and its Dask workers; the local Prefect server, in a session of its
 own, is stopped afterwards by its context), the deployment's flow runs that were in progress
-(and their task runs) are marked **Cancelled**, then :class:`~flows.stops.Stopped` is
-raised.
+(and their task runs) are marked **Cancelled**, the runner's loop is ended from inside (as
+Prefect's own SIGTERM handler does), then :class:`~flows.stops.Stopped` is raised.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def serve_until_stopped(deployment: Any) -> None:
 
     runner = Runner()
     deployment_id = runner.add_deployment(deployment)
+    graceful = runner.handle_sigterm  # Prefect's: stops the runner's loop from inside
     state: dict[str, int] = {}
 
     def stop(signum: int, frame: Any = None) -> None:
@@ -41,14 +42,18 @@ def serve_until_stopped(deployment: Any) -> None:
         with contextlib.suppress(Exception):
             for flow_run_id in runs:
                 cancel_flow_run(flow_run_id, reason)
-        raise Stopped(signum)
+        graceful()  # nothing left to wait for: the loop ends at once
 
     runner.handle_sigterm = stop  # the runner installs it for SIGTERM when it starts
     previous = signal.signal(signal.SIGINT, stop)
     try:
         asyncio.run(runner.start())
+    except SystemExit:  # Prefect's handler before the runner started
+        pass
     finally:
         signal.signal(signal.SIGINT, previous)
+    if state:
+        raise Stopped(state["signum"])
 
 
 def unfinished_flow_runs(deployment_id: UUID) -> list[UUID]:

@@ -68,6 +68,29 @@ def prefect_server(tmp_path, monkeypatch):
         yield url
 
 
+@pytest.fixture(scope="session")
+def shared_api(tmp_path_factory):
+    """One Prefect server (its API URL) for the flow tests whose subject is not a server's own
+    life: a `shapcam` subprocess given it as PREFECT_API_URL starts no server of its own
+    (about 15 s each on 2 cores)."""
+    import contextlib
+
+    from flows.runtime import local_prefect_server
+
+    home = tmp_path_factory.mktemp("prefect-shared")
+    before = os.environ.get("PREFECT_HOME")
+    os.environ["PREFECT_HOME"] = str(home)
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(local_prefect_server())
+        finally:  # the server has its own environment; this process keeps its own
+            if before is None:
+                os.environ.pop("PREFECT_HOME", None)
+            else:
+                os.environ["PREFECT_HOME"] = before
+        yield f"{url}/api"
+
+
 @pytest.fixture
 def browser():
     """Headless Chromium through Selenium and Debian's chromium-driver (no driver download)."""

@@ -233,20 +233,22 @@ def test_a_killed_configuration_resumes_to_the_same_weights(tmp_path):
     assert [r["epoch"] for r in again] == [0, 1, 2]
 
 
-def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _cli(args: list[str], cwd: Path, api: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PREFECT_HOME": str(cwd / "prefect"), "PYTHONPATH": str(REPO)}
     env.pop("PREFECT_API_URL", None)
+    if api is not None:  # a shared server (else the command starts its own)
+        env["PREFECT_API_URL"] = api
     return subprocess.run([sys.executable, "-c", "from flows.cli import app; app()", *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
-def test_distill_flow_end_to_end(tmp_path):
+def test_distill_flow_end_to_end(tmp_path, shared_api):
     write_cifar(tmp_path / "cifar", n=12)
     args = ["distill", "--dataset", "cifar10", "--root", str(tmp_path / "cifar"), "--epochs",
             "1", "--variants", "ce,shapcam+kd", "--batch-size", "16", "--workers", "2",
             "--store", str(tmp_path / "runs"), "--run-id", "t"]
-    out = _cli(args, tmp_path)
+    out = _cli(args, tmp_path, shared_api)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "| cross-entropy only |" in out.stdout and "Prefect UI" in out.stdout
     from storage import open_run
@@ -269,7 +271,7 @@ def test_distill_flow_end_to_end(tmp_path):
     assert (run / "teacher_maps" / "shapcam.npy").is_file()
     assert (run / "report.html").stat().st_size > 10_000
     stamps = {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()}
-    out = _cli(args, tmp_path)  # the same run id: everything is done, nothing retrains
+    out = _cli(args, tmp_path, shared_api)  # the same run id: everything is done, nothing retrains
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()} == stamps
 
@@ -301,11 +303,11 @@ def write_voc(root: Path) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.real_weights
-def test_finetune_voc_flow_and_its_weights_explain(mobilenet, tmp_path):
+def test_finetune_voc_flow_and_its_weights_explain(mobilenet, tmp_path, shared_api):
     root = write_voc(tmp_path)
     out = _cli(["finetune-voc", "--root", str(root), "--model", "mobilenet_v2", "--weights",
                 "IMAGENET1K_V1", "--epochs", "1", "--batch-size", "4", "--lr", "0.001",
-                "--store", str(tmp_path / "runs"), "--run-id", "v"], tmp_path)
+                "--store", str(tmp_path / "runs"), "--run-id", "v"], tmp_path, shared_api)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "mAP on test" in out.stdout and "shapcam run --dataset voc" in out.stdout
     weights = tmp_path / "runs" / "v" / "mobilenet_v2_voc.pth"

@@ -19,12 +19,17 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.real_weights
 
 
-def shapcam_run(tmp_path: Path, run_id: str, *extra: str) -> subprocess.Popen:
+def shapcam_run(tmp_path: Path, run_id: str, *extra: str, api: str | None = None
+                ) -> subprocess.Popen:
+    """``shapcam run`` in a subprocess: against ``api`` (a Prefect API URL), else with a
+    local server of its own."""
     cmd = [sys.executable, "-c", "from flows.cli import app; app()", "run",
            "--root", str(tmp_path / "data"), "--store", str(tmp_path / "runs"),
            "--run-id", run_id, "--workers", "2", "--no-causal", *extra]
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO)}
     env.pop("PREFECT_API_URL", None)
+    if api is not None:
+        env["PREFECT_API_URL"] = api
     return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -34,9 +39,9 @@ FAST = ("--methods", "gradcam,shapcam", "--set", "shapcam.permutations=16", "--s
 
 
 @pytest.mark.slow
-def test_flow_on_local_server_and_dask_workers(mobilenet, tmp_path):
+def test_flow_on_local_server_and_dask_workers(mobilenet, tmp_path, shared_api):
     # Tasks ask for GPU=1, as CUDA tasks do: the local workers declare it, so they run.
-    proc = shapcam_run(tmp_path, "r1", *FAST, "--task-resources", "GPU=1")
+    proc = shapcam_run(tmp_path, "r1", *FAST, "--task-resources", "GPU=1", api=shared_api)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert "Prefect UI: http://127.0.0.1:" in out and "| metric | Grad-CAM | Shap-CAM |" in out
@@ -72,14 +77,14 @@ def test_flow_on_local_server_and_dask_workers(mobilenet, tmp_path):
     assert all(w.startswith("tcp://127.0.0.1:") for w in workers)
     # Re-running the same run id recomputes nothing.
     records_before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "shards").rglob("*.json")}
-    proc = shapcam_run(tmp_path, "r1", *FAST, "--task-resources", "GPU=1")
+    proc = shapcam_run(tmp_path, "r1", *FAST, "--task-resources", "GPU=1", api=shared_api)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     after = {p.name: p.stat().st_mtime_ns for p in (run_dir / "shards").rglob("*.json")}
     assert after == records_before
     # Another protocol variant from the stored maps, next to the first one.
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO)}
-    env.pop("PREFECT_API_URL", None)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO),
+           "PREFECT_API_URL": shared_api}
     out = subprocess.run([sys.executable, "-c", "from flows.cli import app; app()",
                           "evaluate-store", str(run_dir), "--protocol", "gradcampp",
                           "--no-causal", "--workers", "2"], cwd=tmp_path, env=env,

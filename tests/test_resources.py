@@ -66,13 +66,15 @@ def test_gpu_selection_and_resource_parsing():
     assert RunConfig(device="cuda", resources={}).task_resources == {}
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
+def _env(tmp_path: Path, api: str | None = None) -> dict[str, str]:
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO),
            # as docs/orchestration.md tells external workers (the `storage` package)
            "DASK_DISTRIBUTED__WORKER__MEMORY__SPILL": "False",
            "DASK_DISTRIBUTED__WORKER__MEMORY__TARGET": "False",
            "OMP_NUM_THREADS": "1"}
     env.pop("PREFECT_API_URL", None)
+    if api is not None:  # a shared server (else the command starts its own)
+        env["PREFECT_API_URL"] = api
     return env
 
 
@@ -124,7 +126,7 @@ def _wait_workers(address: str, n: int) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.real_weights
-def test_two_external_gpu_workers_share_a_run(mobilenet, scheduler, tmp_path):
+def test_two_external_gpu_workers_share_a_run(mobilenet, scheduler, tmp_path, shared_api):
     """The documented recipe: `dask worker --resources GPU=1 --nthreads 2` per GPU, tasks
     asking for GPU=0.5 (what `--device cuda` asks by default, two shard tasks per GPU): both
     workers compute, two tasks overlap on one worker, and the maps are those of a plain
@@ -136,7 +138,8 @@ def test_two_external_gpu_workers_share_a_run(mobilenet, scheduler, tmp_path):
     out = subprocess.run([*CLI, "run", "--root", str(tmp_path / "data"), "--store",
                           str(tmp_path / "runs"), "--run-id", "ext", "--methods", "gradcam",
                           "--no-causal", "--shard-size", "1", "--dask-address", address,
-                          "--task-resources", "GPU=0.5"], cwd=tmp_path, env=_env(tmp_path),
+                          "--task-resources", "GPU=0.5"], cwd=tmp_path,
+                         env=_env(tmp_path, shared_api),
                          capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     st = SaliencyStore(tmp_path / "runs" / "ext")
@@ -166,7 +169,8 @@ def test_two_external_gpu_workers_share_a_run(mobilenet, scheduler, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.real_weights
-def test_a_resource_no_worker_offers_fails_fast_with_the_fix(mobilenet, scheduler, tmp_path):
+def test_a_resource_no_worker_offers_fails_fast_with_the_fix(mobilenet, scheduler, tmp_path,
+                                                             shared_api):
     address, start_worker = scheduler
     start_worker()  # no resources
     _wait_workers(address, 1)
@@ -174,7 +178,8 @@ def test_a_resource_no_worker_offers_fails_fast_with_the_fix(mobilenet, schedule
     out = subprocess.run([*CLI, "run", "--root", str(tmp_path / "data"), "--store",
                           str(tmp_path / "runs"), "--run-id", "none", "--methods", "gradcam",
                           "--no-causal", "--dask-address", address, "--task-resources", "GPU=1",
-                          "--resource-wait", "5"], cwd=tmp_path, env=_env(tmp_path),
+                          "--resource-wait", "5"], cwd=tmp_path,
+                         env=_env(tmp_path, shared_api),
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
     lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]

@@ -146,7 +146,7 @@ def lm_for(model):
 
 
 @pytest.mark.slow
-def test_flow_runs_a_topk_run_with_field_metrics(tmp_path):
+def test_flow_runs_a_topk_run_with_field_metrics(tmp_path, shared_api):
     """Through the Prefect flow on Dask workers: --target topk:2 and --metrics (the metrics
     read back from the stored per-class maps: test_pipeline_topk_store_...)."""
     from test_flow import shapcam_run
@@ -155,7 +155,7 @@ def test_flow_runs_a_topk_run_with_field_metrics(tmp_path):
 
     proc = shapcam_run(tmp_path, "multi", "--models", "timm:test_resnet:random", "--methods",
                        "gradcam", "--n-images", "3", "--target", "topk:2", "--metrics",
-                       "sparseness,complexity")
+                       "sparseness,complexity", api=shared_api)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     run_dir = tmp_path / "runs" / "multi"
