@@ -19,6 +19,7 @@ from PIL import Image
 
 from dashboards import data, render
 from storage import Run, StorageError
+from storage.sandbox import Sandbox
 
 PAGE = 25  # image rows per page of the image table
 MAX_DISAGREEMENT = 1000  # images ranked by map disagreement at most (2 maps read per image)
@@ -39,9 +40,16 @@ def _runs(runs_dir: str) -> list[data.RunInfo]:
 
 
 @st.cache_data(show_spinner="reading the image table")
-def _image_table(path: str, dataset: str, model: str, protocol: str, _stamp: str,
+def _image_table(path: str, dataset: str, model: str, protocol: str, version: str,
                  slot: int = 0) -> pd.DataFrame:
     return data.image_table(Run(path), dataset, model, protocol, slot)
+
+
+@st.cache_resource(show_spinner="copying the run's tables for SQL", max_entries=4)
+def _sandbox(path: str, version: str) -> Sandbox:
+    """One locked-down DuckDB per run and version of its tables, shared by every rerun and
+    session (each query runs on its own cursor; only SELECT/EXPLAIN run)."""
+    return Run(path).sandbox()
 
 
 @st.cache_data(show_spinner="comparing maps chunk by chunk")
@@ -200,8 +208,8 @@ def sql_box(run: Run) -> None:
         return
     st.caption(f"ran: {query}")
     try:
-        result = run.sql(query, max_rows=SQL_MAX_ROWS, max_bytes=SQL_MAX_BYTES,
-                         timeout=SQL_TIMEOUT)
+        result = _sandbox(str(run.root), run.version()).query(
+            query, max_rows=SQL_MAX_ROWS, max_bytes=SQL_MAX_BYTES, timeout=SQL_TIMEOUT)
     except StorageError as exc:
         st.error(str(exc))
         return
@@ -244,7 +252,7 @@ def main() -> None:
         slot = st.sidebar.selectbox("Explained class", list(range(n_slots)), key="slot",
                                     format_func=lambda j: f"class {j + 1} of the image's "
                                                           f"{n_slots}")
-    table = _image_table(info.path, dataset, model, protocol, info.status, slot)
+    table = _image_table(info.path, dataset, model, protocol, run.version(), slot)
     tabs = st.tabs(["Images", "Per class", "SQL"])
     with tabs[0]:
         images(run, dataset, model, protocol, table, methods)

@@ -111,9 +111,7 @@ def _run_info(path: Path) -> RunInfo:
 
 
 def _manifest(run: Run) -> pd.DataFrame | None:
-    if not run.location.exists("manifest.parquet"):
-        return None
-    return run.sql("select * from manifest")
+    return run.manifest()  # read directly: one small file, no SQL sandbox
 
 
 def runs_frame(runs: list[RunInfo]) -> pd.DataFrame:
@@ -144,8 +142,8 @@ def paper_table(run: Run, dataset: str, model: str, protocol: str) -> pd.DataFra
     if protocol not in protocols(run):
         raise StorageError(f"{run.root} has no {protocol} summary yet (it is written when all "
                            "shards are evaluated)")
-    df = run.sql(f"select method, metric, value from summary where dataset = '{_q(dataset)}' "
-                 f"and model = '{_q(model)}' and protocol = '{_q(protocol)}'")
+    df = run.summary(protocol)  # one small file, read directly
+    df = df[(df["dataset"] == dataset) & (df["model"] == model)]
     if df.empty:
         raise StorageError(f"{run.root} has no {protocol} summary for {dataset}/{model}")
     wide = df.pivot_table(index="metric", columns="method", values="value", aggfunc="first",
@@ -326,6 +324,3 @@ def _float(v: Any) -> float:
     except (TypeError, ValueError):
         return math.nan
 
-
-def _q(text: str) -> str:
-    return text.replace("'", "''")

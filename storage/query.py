@@ -22,9 +22,9 @@ import pyarrow.dataset as pads
 
 from .errors import IncompleteShardError, NotARunError, StorageError
 from .location import Location
+from .metrics_table import metrics_dataset, shard_files
 from .saliency import SaliencyStore
-from .sandbox import RESULT_BYTES, SANDBOX, run_query
-from .tables import METRICS_SCHEMA, PARTITIONS
+from .sandbox import RESULT_BYTES, Sandbox
 
 #: Photos opened for pages and reports: refused over this many pixels (before decoding),
 #: drawn at most this many pixels a side.
@@ -138,14 +138,16 @@ class Run:
         return pq.read_table(self.location.path(name), filesystem=fs).to_pandas()
 
     def photo(self, dataset: str, image_id: str, size: tuple[int, int] | None = None,
-              max_side: int = PHOTO_MAX_SIDE) -> np.ndarray:
+              max_side: int = PHOTO_MAX_SIDE, index: pd.DataFrame | None = None
+              ) -> np.ndarray:
         """The RGB photo of ``image_id`` as uint8 ``(h, w, 3)``, resized to ``size`` (w, h):
         the frame of the stored maps when ``size`` is the map size; else shrunk to at most
         ``max_side`` pixels a side (reports and pages draw it, never at a camera's full
-        resolution). A photo over :data:`PHOTO_MAX_PIXELS` is refused before decoding."""
+        resolution). A photo over :data:`PHOTO_MAX_PIXELS` is refused before decoding.
+        ``index``: :meth:`image_index` already read (many photos)."""
         from PIL import Image
 
-        index = self.image_index(dataset)
+        index = self.image_index(dataset) if index is None else index
         row = index[index["image_id"] == image_id]
         if row.empty:
             raise StorageError(f"image {image_id!r} is not in {dataset} of {self.root}")
@@ -165,18 +167,11 @@ class Run:
         except OSError as exc:
             raise StorageError(f"cannot read the photo of {image_id}: {path}: {exc}") from exc
 
-    # -- tables --------------------------------------------------------------------------
+    # -- tables ----------------------------------------------------------------------------
     def _metrics_dataset(self) -> pads.Dataset:
         if not self.location.isdir("metrics"):
             raise StorageError(f"{self.root} has no metrics yet (no metrics/ folder)")
-        part = pads.partitioning(_partition_schema(), flavor="hive")
-        fs = None if self.location.local else self.location.fs
-        # the finished files only (writers' temporary files end in .tmp<pid>), and every one
-        # of them: a damaged file is an error, never rows silently left out
-        files = self.location.glob("metrics", "**", "*.parquet")
-        return pads.dataset(files, format="parquet", partitioning=part,
-                            partition_base_dir=self.location.path("metrics"),
-                            schema=_full_schema(), filesystem=fs)
+        return metrics_dataset(self.location)
 
     def metrics(self, filters: Sequence[tuple[str, str, Any]] | None = None,
                 columns: Sequence[str] | None = None) -> pd.DataFrame:
@@ -201,6 +196,24 @@ class Run:
                                "recomputes its shard") from None
         return table.to_pandas()
 
+    def query_metrics(self, query: str, params: Sequence[Any] = ()) -> pd.DataFrame:
+        """A trusted query of this package's own code (not a user's: :meth:`sql` is for those)
+        over the view ``metrics``, scanned from the consolidated table where it is current
+        (projection and filters pushed down to Parquet, nothing copied)."""
+        import duckdb
+
+        con = duckdb.connect(":memory:")
+        try:
+            con.execute("set memory_limit = '1GB'")
+            con.register("metrics", self._metrics_dataset())
+            return con.execute(query, list(params)).df()
+        except (OSError, ValueError, duckdb.Error) as exc:
+            raise StorageError(f"cannot read the metrics of {self.root} "
+                               f"({str(exc).strip().splitlines()[0][:200]}): `shapcam verify` "
+                               "checks the run") from None
+        finally:
+            con.close()
+
     def training(self) -> pd.DataFrame:
         """Per-epoch rows of a training run (``config`` column = configuration name)."""
         if not self.location.isdir("training"):
@@ -211,77 +224,95 @@ class Run:
                           filesystem=fs, exclude_invalid_files=True)
         return ds.to_table().to_pandas().sort_values(["config", "epoch"]).reset_index(drop=True)
 
-    def sql(self, query: str, *, max_rows: int | None = None, max_bytes: int = RESULT_BYTES,
-            timeout: float | None = None) -> pd.DataFrame:
-        """Run one SQL query (DuckDB dialect) over the run's tables, in a sandbox.
+    def manifest(self) -> pd.DataFrame | None:
+        """The run manifest (one row per dataset x model), read directly; None before the
+        run's end wrote it."""
+        if not self.location.exists("manifest.parquet"):
+            return None
+        return self._read_small("manifest.parquet").to_pandas()
 
-        The tables ``metrics``, ``manifest``, ``summary`` and ``training`` (those the run has)
-        are copied into an in-memory database; then DuckDB's own settings shut everything else:
-        no file or URL access (``read_csv``, ``glob``, ``COPY``, ``ATTACH`` of a file,
-        ``EXPORT``), no extension installed or loaded, no spilling to disk, 1 GB of memory, and
-        the configuration locked (``SET``, ``RESET`` and setting ``PRAGMA`` s fail). Refusals
-        are :class:`StorageError` with DuckDB's one-line reason. The result stops at
-        ``max_rows`` rows and ``max_bytes`` bytes (the frame's ``attrs["truncated"]`` says
-        whether more existed); ``timeout`` (seconds) and Ctrl-C interrupt a long query
-        (:mod:`storage.sandbox`).
-        """
-        return run_query(self._sandbox(), query, str(self.root), max_rows=max_rows,
-                         max_bytes=max_bytes, timeout=timeout)
-
-    def _sandbox(self):
-        """An in-memory DuckDB holding copies of the run's tables, locked down."""
-        import duckdb
-
-        con = duckdb.connect(":memory:")
-        try:
-            for name, table in self._sql_sources(con):
-                if table is not None:  # remote: read with pyarrow through fsspec
-                    con.register(f"_{name}_arrow", table)
-                    con.execute(f"create table {name} as select * from _{name}_arrow")
-                    con.unregister(f"_{name}_arrow")
-            for setting in SANDBOX:
-                con.execute(setting)
-        except duckdb.Error as exc:
-            con.close()
-            raise StorageError(f"cannot read the tables of {self.root}: {exc}") from exc
-        return con
-
-    def _sql_sources(self, con) -> list[tuple[str, Any]]:
-        """Local runs: DuckDB reads the Parquet files itself into tables (before the lock);
-        remote runs: Arrow tables to copy."""
-        loc = self.location
-        files = {"metrics": (loc.isdir("metrics"), ("metrics", "**", "*.parquet")),
-                 "manifest": (loc.exists("manifest.parquet"), ("manifest.parquet",)),
-                 "summary": (bool(loc.glob("summary-*.parquet")), ("summary-*.parquet",)),
-                 "training": (loc.isdir("training"), ("training", "**", "*.parquet"))}
-        out: list[tuple[str, Any]] = []
-        for name, (present, parts) in files.items():
-            if not present:
-                continue
-            if loc.local:
-                path = loc.pattern(*parts).replace("'", "''")
-                hive = ", hive_partitioning=true" if name in ("metrics", "training") else ""
-                con.execute(f"create table {name} as select * from read_parquet('{path}'"
-                            f"{hive}, union_by_name=true)")
-                if name == "metrics":
-                    _add_missing_columns(con, name)
-                out.append((name, None))
-            else:
-                out.append((name, self._arrow_table(name)))
-        return out
-
-    def _arrow_table(self, name: str):
+    def summary(self, protocol: str | None = None) -> pd.DataFrame:
+        """The run summary rows (``summary-<protocol>.parquet``; every protocol: None)."""
         import pyarrow as pa
+
+        from .tables import SUMMARY_SCHEMA
+
+        names = ([f"summary-{protocol}.parquet"] if protocol else
+                 [p.rsplit("/", 1)[-1] for p in self.location.glob("summary-*.parquet")])
+        tables = [self._read_small(n) for n in names if self.location.exists(n)]
+        if not tables:
+            return SUMMARY_SCHEMA.empty_table().to_pandas()
+        return pa.concat_tables(tables).to_pandas()
+
+    def _read_small(self, name: str):
         import pyarrow.parquet as pq
 
-        loc = self.location
-        if name == "metrics":
-            return self._metrics_dataset().to_table()
-        if name == "training":
-            return pa.Table.from_pandas(self.training(), preserve_index=False)
-        paths = loc.glob("summary-*.parquet") if name == "summary" else [
-            loc.path("manifest.parquet")]
-        return pa.concat_tables([pq.read_table(p, filesystem=loc.fs) for p in paths])
+        try:
+            return pq.read_table(self.location.path(name),
+                                 filesystem=None if self.location.local else self.location.fs)
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"{self.location.path(name)} is damaged "
+                               f"({str(exc).splitlines()[0][:200]}): `shapcam verify` "
+                               "checks the run") from None
+
+    def version(self) -> str:
+        """Changes whenever the run's tables do (a cache key for readers such as the
+        dashboard): names, sizes and times of its top-level tables and the number of shard
+        metrics files."""
+        import hashlib
+
+        parts = [f"{len(files)}:{protocol}" for protocol, files in
+                 sorted(shard_files(self.location).items())]
+        for path in self.location.glob("*.parquet"):
+            info = self.location.fs.info(path)
+            stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag")
+            parts.append(f"{path}:{info.get('size')}:{stamp}")
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+    def sql(self, query: str, *, max_rows: int | None = None, max_bytes: int = RESULT_BYTES,
+            timeout: float | None = None) -> pd.DataFrame:
+        """Run one read-only SQL statement (DuckDB dialect) over the run's tables, in a sandbox.
+
+        The tables ``metrics``, ``manifest``, ``summary`` and ``training`` (those the run has)
+        are copied into an in-memory database (within its 1 GB memory limit, set first; the
+        metrics come from the consolidated table, :mod:`storage.metrics_table`); then DuckDB's
+        own settings shut everything else: no file or URL access (``read_csv``, ``glob``,
+        ``COPY``, ``ATTACH`` of a file, ``EXPORT``), no extension installed or loaded, no
+        spilling to disk, and the configuration locked (``SET``, ``RESET`` and setting
+        ``PRAGMA`` s fail). Only one ``SELECT`` or ``EXPLAIN`` runs. Refusals are
+        :class:`StorageError` with DuckDB's one-line reason. The result stops at ``max_rows``
+        rows and ``max_bytes`` bytes (the frame's ``attrs["truncated"]`` says whether more
+        existed); ``timeout`` (seconds) and Ctrl-C interrupt a long query
+        (:mod:`storage.sandbox`). Many queries: :meth:`sandbox` once, then its ``query``.
+        """
+        box = self.sandbox()
+        try:
+            return box.query(query, max_rows=max_rows, max_bytes=max_bytes, timeout=timeout)
+        finally:
+            box.close()
+
+    def sandbox(self) -> Sandbox:
+        """The run's tables copied into one locked-down DuckDB (:class:`storage.sandbox.Sandbox`)
+        that serves many queries; close it when done."""
+        return Sandbox(self._sql_tables(), str(self.root))
+
+    def _sql_tables(self) -> dict[str, Any]:
+        import pyarrow as pa
+
+        tables: dict[str, Any] = {}
+        if self.location.isdir("metrics"):
+            try:
+                tables["metrics"] = self._metrics_dataset().to_table()
+            except (OSError, ValueError) as exc:
+                raise StorageError(f"cannot read the metrics of {self.root}: "
+                                   f"{str(exc).splitlines()[0][:200]}") from None
+        if self.location.exists("manifest.parquet"):
+            tables["manifest"] = self._read_small("manifest.parquet")
+        if self.location.glob("summary-*.parquet"):
+            tables["summary"] = pa.Table.from_pandas(self.summary(), preserve_index=False)
+        if self.location.isdir("training"):
+            tables["training"] = pa.Table.from_pandas(self.training(), preserve_index=False)
+        return tables
 
 
 def _check_slot(dataset: str, model: str, slot: int, n: int) -> None:
@@ -293,35 +324,10 @@ def _check_slot(dataset: str, model: str, slot: int, n: int) -> None:
                            f"0..{n - 1} per image")
 
 
-_DUCKDB_TYPES = {"double": "DOUBLE", "string": "VARCHAR", "int32": "INTEGER", "int64": "BIGINT"}
-
-
-def _add_missing_columns(con, table: str) -> None:
-    """Columns of the metrics schema that the run's files predate (e.g. the field metrics in a
-    store written before them) as NULL columns, so one query works on old and new runs."""
-    have = {row[0] for row in con.execute(f"describe {table}").fetchall()}
-    for field in METRICS_SCHEMA:
-        if field.name not in have:
-            con.execute(f"alter table {table} add column {field.name} "
-                        f"{_DUCKDB_TYPES[str(field.type)]}")
-
-
-def _partition_schema():
-    import pyarrow as pa
-
-    return pa.schema([(p, pa.string()) for p in PARTITIONS])
-
-
 def pa_schema_config():
     import pyarrow as pa
 
     return pa.schema([("config", pa.string())])
-
-
-def _full_schema():
-    import pyarrow as pa
-
-    return pa.schema(list(METRICS_SCHEMA) + [pa.field(p, pa.string()) for p in PARTITIONS])
 
 
 #: What a run folder holds (a training run has no maps).

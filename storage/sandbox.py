@@ -25,20 +25,70 @@ RESULT_BYTES = 256 * 2**20
 #: Rows per Arrow batch read from DuckDB (the unit of the byte budget).
 _BATCH_ROWS = 64
 
-#: Order matters: the directories can only be cleared while external access is on, and the
-#: lock comes last.
-SANDBOX = (
+#: Bounds set before the tables are copied in (the copy itself is within the memory limit).
+LIMITS = (
     "set temp_directory = ''",  # never spill to disk
     "set secret_directory = ''",  # nor show where this machine's home is
     "set home_directory = ''",
     "set memory_limit = '1GB'",
     "set enable_progress_bar = false",
+)
+#: Then everything else is shut; the lock comes last.
+LOCK = (
     "set enable_external_access = false",  # files, URLs, COPY, ATTACH of files, EXPORT
     "set autoinstall_known_extensions = false",
     "set autoload_known_extensions = false",
     "set allow_community_extensions = false",
     "set lock_configuration = true",  # SET / RESET / PRAGMA settings refused from here on
 )
+SANDBOX = LIMITS + LOCK
+#: The statements a query may be (one of them): reading only, so one sandbox serves many
+#: queries (the dashboard keeps one per run) and no query changes what the next one sees.
+READ_ONLY = ("SELECT", "EXPLAIN")
+
+
+class Sandbox:
+    """One locked-down in-memory DuckDB holding copies of a run's tables, for many read-only
+    queries: each runs on its own cursor (:func:`run_query`), so queries from several threads
+    (a dashboard's sessions) do not wait for each other."""
+
+    def __init__(self, tables: dict[str, Any], where: str) -> None:
+        import duckdb
+
+        self.where = where
+        self._con = duckdb.connect(":memory:")
+        try:
+            for setting in LIMITS:
+                self._con.execute(setting)
+            for name, table in tables.items():
+                self._con.register(f"_{name}_arrow", table)
+                self._con.execute(f"create table {name} as select * from _{name}_arrow")
+                self._con.unregister(f"_{name}_arrow")
+            for setting in LOCK:
+                self._con.execute(setting)
+        except duckdb.Error as exc:
+            self._con.close()
+            raise _refusal(exc, where) from exc
+
+    def query(self, query: str, *, max_rows: int | None = None, max_bytes: int = RESULT_BYTES,
+              timeout: float | None = None) -> pd.DataFrame:
+        """One read-only statement (``SELECT`` or ``EXPLAIN``); see :func:`run_query`."""
+        import duckdb
+
+        try:
+            kinds = [s.type.name for s in self._con.extract_statements(query)]
+        except duckdb.Error as exc:
+            raise _refusal(exc, self.where) from exc
+        if len(kinds) != 1 or kinds[0] not in READ_ONLY:
+            got = ", ".join(kinds) or "nothing"
+            raise StorageError(f"query refused on {self.where}: one read-only statement "
+                               f"(SELECT, EXPLAIN) is run, got {got}")
+        return run_query(self._con.cursor(), query, self.where, max_rows=max_rows,
+                         max_bytes=max_bytes, timeout=timeout)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._con.close()
 
 
 def run_query(con: Any, query: str, where: str, *, max_rows: int | None = None,

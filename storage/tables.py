@@ -162,10 +162,30 @@ def metrics_exist(root: str | os.PathLike[str], dataset: str, model: str, method
 def write_metrics_shard(root: str | os.PathLike[str], dataset: str, model: str, method: str,
                         shard: int, rows: Sequence[Mapping[str, Any]],
                         protocol: str = "scorecam") -> str:
-    """Write one shard's rows of one method and protocol (replaces that same file)."""
+    """Write one shard's rows of one method and protocol (replaces that same file); the
+    protocol's consolidated table no longer covers it and is removed first."""
     rows = [{**r, "shard": shard, "protocol": protocol} for r in rows]
+    invalidate(Location(root), protocol)
     return _atomic_write(_table(rows, METRICS_SCHEMA, "metrics"), root,
                          *metrics_parts(dataset, model, method, shard, protocol))
+
+
+def consolidated_name(protocol: str) -> str:
+    """The run's consolidated metrics table of ``protocol`` (:mod:`storage.metrics_table`)."""
+    return f"metrics-{protocol}.parquet"
+
+
+def invalidate(loc: Location, protocol: str | None = None) -> None:
+    """Remove the consolidated metrics table of ``protocol`` (every protocol: None) and its
+    checksum record: done before a shard file changes, so that no consolidated table outlives
+    one of its sources."""
+    names = [consolidated_name(protocol)] if protocol else [
+        p.rsplit("/", 1)[-1] for p in loc.glob("metrics-*.parquet")]
+    for name in names:
+        for parts in ((name,), checksum_parts(name)):
+            path = loc.path(*parts)
+            if loc.fs.exists(path):
+                loc.fs.rm(path)
 
 
 def write_manifest(root: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> str:

@@ -22,20 +22,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
 from .errors import NotARunError, StorageError
 from .location import Location
+from .metrics_table import SHARD_FILE, fingerprint, shard_files, sources
 from .names import glob_literal
 from .saliency import SaliencyStore, check_record
-from .tables import checksum_parts, file_checksum
+from .tables import checksum_parts, file_checksum, invalidate
 
-_METRICS = re.compile(r"metrics/dataset=(?P<dataset>[^/]+)/model=(?P<model>[^/]+)/"
-                      r"method=(?P<method>[^/]+)/shard-(?P<shard>\d+)-(?P<protocol>[^/]+)"
-                      r"\.parquet$")
+_METRICS = SHARD_FILE
 
 
 @dataclass(frozen=True)
@@ -95,6 +93,7 @@ def verify_run(root: str | os.PathLike[str]) -> Report:
         what = _check_parquet(loc, rel)
         if what:
             report.problems.append(Problem(path, what, *where))
+    report.problems += _stale_consolidated(loc)
     if completed_run and has_store:  # a finished run has every shard's metrics
         for dataset, model in store.tables():
             for k in range(_n_shards(store, dataset, model)):
@@ -103,6 +102,21 @@ def verify_run(root: str | os.PathLike[str]) -> Report:
                         loc.path("metrics", f"dataset={dataset}", f"model={model}"),
                         f"no metrics file of shard {k}", dataset, model, k))
     return report
+
+
+def _stale_consolidated(loc: Location) -> list[Problem]:
+    """Consolidated metrics tables that are not made of the shard files the run has (a shard
+    file changed by hand, or a writer that predates the invalidation)."""
+    files = shard_files(loc)
+    problems = []
+    for path in loc.glob("metrics-*.parquet"):
+        protocol = path.rsplit("/", 1)[-1].removeprefix("metrics-").removesuffix(".parquet")
+        made_of = sources(loc, protocol)
+        if made_of is not None and made_of[1] != fingerprint(files.get(protocol, {})):
+            problems.append(Problem(path, f"stale: made from {made_of[0]} shard files, the run "
+                                    f"has {len(files.get(protocol, {}))} (or they changed); "
+                                    "--repair removes it and the resumed run rebuilds it"))
+    return problems
 
 
 MISSING_STORE = "missing: the run's maps (maps.zarr) are gone"
@@ -254,6 +268,8 @@ def mark_for_repair(root: str | os.PathLike[str], report: Report) -> list[tuple[
                                  f"shard-{k:05d}-*.parquet"):
                 loc.fs.rm(path)
             marked.append((dataset, model, k))
+    if marked:  # the consolidated tables no longer match their sources: rebuilt on resume
+        invalidate(loc)
     for p in report.problems:  # summaries, manifest, index: rewritten by every run
         if p.shard is None and loc.fs.exists(p.path) and not loc.fs.isdir(p.path):
             loc.fs.rm(p.path)

@@ -57,12 +57,14 @@ def _examples(run_dir: str, config: RunConfig, model: str) -> str | None:
     if ok.empty:
         return None
     ids = ok["image_id"].tolist()
-    maps = {m: run.maps(config.dataset, model, m, ids=ids, slot=0).values  # first class
-            for m in config.methods}
+    # the image table and the image index read once for every method and photo
+    maps = {m: run.maps(config.dataset, model, m, ids=ids, slot=0, images=images).values
+            for m in config.methods}  # the first class of each image
+    index = run.image_index(config.dataset)
     photos = []
     for image_id in ids:
         try:
-            photos.append((image_id, run.photo(config.dataset, image_id)))
+            photos.append((image_id, run.photo(config.dataset, image_id, index=index)))
         except StorageError:  # moved or unreadable: the maps alone
             photos.append((image_id, None))
     titles = run.store.attrs.get("method_titles", {})
