@@ -34,6 +34,7 @@ from storage.lock import run_lock
 from tasks.config import RunConfig
 from tasks.pipeline import (
     aggregate,
+    complete_shards,
     evaluate_shard,
     plan_run,
     process_shard,
@@ -83,27 +84,30 @@ def explain_dataset(run_dir: str, run_id: str, config: dict[str, Any]) -> dict[s
     plan = plan_run(run_dir, run_id, cfg)
     shards = plan["shards"]
     total = len(shards) * len(cfg.models)
-    logger.info("run %s: %d images in %d shards x %d models -> %s", run_id, plan["n_images"],
-                len(shards), len(cfg.models), run_dir)
-    progress = create_progress_artifact(0.0, key=artifact_key("progress", run_id),
+    done = complete_shards(run_dir, cfg, len(shards))  # decided once: done shards cost nothing
+    logger.info("run %s: %d images in %d shards x %d models -> %s (%d shards done before)",
+                run_id, plan["n_images"], len(shards), len(cfg.models), run_dir, len(done))
+    progress = create_progress_artifact(100.0 * len(done) / total,
+                                        key=artifact_key("progress", run_id),
                                         description=f"shards done of {total}")
-    require_resources(cfg.task_resources, cfg.resource_wait)
     tasks_started = time.perf_counter()
     futures = []
+    todo = [(m, k) for m in cfg.models for k in range(len(shards)) if (m.name, k) not in done]
+    if todo:
+        require_resources(cfg.task_resources, cfg.resource_wait)
     with resource_annotation(cfg.task_resources):
-        for model in cfg.models:
-            for k, records in enumerate(shards):
-                futures.append(shard_task.with_options(
-                    task_run_name=f"{model.name} shard {k + 1}/{len(shards)}").submit(
-                    run_dir, cfg, model, k, records))
-    # One future per shard: the progress artifact for the UI, a bar for the terminal; a task's
-    # exception stops here.
-    with tqdm(total=len(futures), desc=f"run {run_id}", unit="shard") as bar:
-        for done, fut in enumerate(as_completed(futures), start=1):
+        for model, k in todo:
+            futures.append(shard_task.with_options(
+                task_run_name=f"{model.name} shard {k + 1}/{len(shards)}").submit(
+                run_dir, cfg, model, k, shards[k]))
+    # One future per shard to do: the progress artifact for the UI, a bar for the terminal
+    # (done shards counted in from the start); a task's exception stops here.
+    with tqdm(total=total, initial=len(done), desc=f"run {run_id}", unit="shard") as bar:
+        for n, fut in enumerate(as_completed(futures), start=len(done) + 1):
             summary = fut.result()
             bar.set_postfix_str(f"{summary['model']} shard {summary['shard'] + 1}")
             bar.update()
-            update_progress_artifact(progress, 100.0 * done / len(futures))
+            update_progress_artifact(progress, 100.0 * n / total)
     task_seconds = time.perf_counter() - tasks_started
     tables = aggregate(run_dir, cfg)
     report = write_report(run_dir, cfg, tables)
@@ -118,7 +122,7 @@ def explain_dataset(run_dir: str, run_id: str, config: dict[str, Any]) -> dict[s
     print(markdown)
     return {"run_dir": run_dir, "report": str(report), "tables": tables,
             "images": plan["n_images"], "shards": total, "task_seconds": task_seconds,
-            "skipped": sum(bool(f.result().get("skipped")) for f in futures)}
+            "skipped": len(done) + sum(bool(f.result().get("skipped")) for f in futures)}
 
 
 @flow(name="evaluate-store", flow_run_name="evaluate {run_id} ({protocol})")
@@ -133,18 +137,21 @@ def evaluate_store(run_dir: str, run_id: str, protocol: str = "scorecam",
     store = SaliencyStore(run_dir)
     cfg = RunConfig.from_dict(store.attrs["config"]).replace(protocol=protocol, causal=causal)
     plan = plan_run(run_dir, run_id, cfg)  # idempotent: same sample, same tables
-    require_resources(cfg.task_resources, cfg.resource_wait)
+    n_shards = len(plan["shards"])
+    done = complete_shards(run_dir, cfg, n_shards, explain=False)
     futures = []
+    todo = [(m, k) for m in cfg.models for k in range(n_shards) if (m.name, k) not in done]
+    for model, k in todo:
+        if not store.completed(cfg.dataset, model.name, k):
+            raise ShapCAMError(f"shard {k} of {model.name} has no maps yet: finish the "
+                               f"run with `shapcam run --run-id {run_id}` first")
+    if todo:
+        require_resources(cfg.task_resources, cfg.resource_wait)
     with resource_annotation(cfg.task_resources):
-        for model in cfg.models:
-            for k, records in enumerate(plan["shards"]):
-                if not store.completed(cfg.dataset, model.name, k):
-                    raise ShapCAMError(f"shard {k} of {model.name} has no maps yet: finish the "
-                                       f"run with `shapcam run --run-id {run_id}` first")
-                futures.append(evaluate_task.with_options(
-                    task_run_name=f"evaluate {model.name} shard {k + 1}/"
-                                  f"{len(plan['shards'])} ({protocol})").submit(
-                    run_dir, cfg, model, k, records))
+        for model, k in todo:
+            futures.append(evaluate_task.with_options(
+                task_run_name=f"evaluate {model.name} shard {k + 1}/{n_shards} "
+                              f"({protocol})").submit(run_dir, cfg, model, k, plan["shards"][k]))
     for fut in as_completed(futures):
         fut.result()
     tables = aggregate(run_dir, cfg)

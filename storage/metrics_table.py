@@ -78,6 +78,9 @@ def consolidate(root: str | os.PathLike[str], protocol: str) -> str | None:
     files = shard_files(loc).get(protocol, {})
     if not files:
         return None
+    made_of = sources(loc, protocol) if loc.exists(consolidated_name(protocol)) else None
+    if made_of == (len(files), fingerprint(files)):
+        return loc.path(consolidated_name(protocol))  # current: a resumed finished run
     try:
         table = shard_dataset(loc, files).to_table()
     except (OSError, ValueError) as exc:

@@ -209,6 +209,11 @@ class SaliencyStore:
                 *self._marker(dataset, model, shard))
         return Path(done) if self.location.local else done
 
+    def update_attrs(self, attributes: Mapping[str, Any]) -> None:
+        """Add or replace attributes of the run's root group (e.g. what a resume refreshed)."""
+        with storage_errors(self.zarr_path):
+            self._group(mode="a").attrs.update(dict(attributes))
+
     # -- reading -------------------------------------------------------------------------
     @property
     def attrs(self) -> dict[str, Any]:

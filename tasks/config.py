@@ -157,7 +157,7 @@ class RunConfig:
     split: str = "test"
     n_images: int | None = None
     seed: int = 0
-    shard_size: int = 8
+    shard_size: int | None = None  # None: from the number of images (tasks.plan.auto_shard_size)
     models: tuple[ModelSpec, ...] = (ModelSpec(),)
     methods: tuple[str, ...] = ALL_METHODS
     preset: str = "paper"
@@ -205,7 +205,7 @@ class RunConfig:
         if self.pg_class not in PG_CLASSES:
             raise ShapCAMError(f"unknown --pg-class {self.pg_class!r}; use one of "
                                f"{', '.join(PG_CLASSES)}")
-        if self.shard_size < 1:
+        if self.shard_size is not None and self.shard_size < 1:
             raise ShapCAMError(f"--shard-size must be >= 1, got {self.shard_size}")
         if self.n_images is not None and self.n_images < 1:
             raise ShapCAMError(f"--n-images must be >= 1, got {self.n_images}")

@@ -75,11 +75,13 @@ def test_flow_on_local_server_and_dask_workers(mobilenet, tmp_path, shared_api):
         assert got["avg_drop"] == pytest.approx(row.avg_drop, rel=1e-5, abs=1e-6)
     workers = {st.shard_record("sample", "mobilenet_v2", k)["worker"] for k in (0, 1)}
     assert all(w.startswith("tcp://127.0.0.1:") for w in workers)
-    # Re-running the same run id recomputes nothing.
+    # Re-running the same run id recomputes nothing, and submits no task: the flow knows
+    # the done shards before it submits.
     records_before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "shards").rglob("*.json")}
     proc = shapcam_run(tmp_path, "r1", *FAST, "--task-resources", "GPU=1", api=shared_api)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
+    assert "(2 shards done before)" in out and "shard 1/2" not in out, out
     after = {p.name: p.stat().st_mtime_ns for p in (run_dir / "shards").rglob("*.json")}
     assert after == records_before
     # Another protocol variant from the stored maps, next to the first one.

@@ -58,8 +58,10 @@ RUN_OPTIONS: list[tuple[str, Any, Any]] = [
     ("n_images", Annotated[int | None, typer.Option(
         help="Deterministic random sample of N images (the paper: 2000; default: all).")],
      None),
-    ("shard_size", Annotated[int, typer.Option(help="Images per shard (= per Zarr chunk).")],
-     _D.shard_size),
+    ("shard_size", Annotated[int | None, typer.Option(
+        help="Images per shard (= per Zarr chunk, per task, the unit of resume). Default: "
+             "from the number of images, 8 up to 4,000, then doubled up to 128 so a run has "
+             "at most ~500 shards per model (ILSVRC's 50,000: 128).")], _D.shard_size),
     ("seed", Seed, _D.seed),
     ("protocol", Protocol, _D.protocol),
     ("causal", Causal, _D.causal),
