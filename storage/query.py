@@ -97,10 +97,15 @@ class Run:
             warnings.simplefilter("ignore")
             ds = xr.open_zarr(self.store.zarr_path, group=f"{dataset}/{model}/{method}",
                               consolidated=False)
-        if variable not in ds:
+        spec = self.store.table(dataset, model)[0]
+        if variable == "maps" and method in spec.derived:
+            da = _derived_maps(ds["raw"], spec.map_shape)
+        elif variable not in ds:
             raise StorageError(f"{dataset}/{model}/{method} has no {variable!r} "
                                f"(it has {', '.join(ds.data_vars)})")
-        da = ds[variable].assign_coords(image=images["image_id"].to_numpy(),
+        else:
+            da = ds[variable]
+        da = da.assign_coords(image=images["image_id"].to_numpy(),
                                         label=("image", images["label"].to_numpy()))
         if slot is not None:
             _check_slot(dataset, model, slot, da.sizes.get("class", 1))
@@ -313,6 +318,18 @@ class Run:
         if self.location.isdir("training"):
             tables["training"] = pa.Table.from_pandas(self.training(), preserve_index=False)
         return tables
+
+
+def _derived_maps(raw, size: tuple[int, int]):
+    """The maps of a method that stores only its raw map, computed chunk by chunk on read
+    (lazy, like the stored ones: selecting images computes their chunks only)."""
+    import xarray as xr
+
+    from .derive import maps_from_raw
+
+    data = raw.data.map_blocks(maps_from_raw, size, dtype=np.float16,
+                               chunks=(*raw.data.chunks[:-2], (size[0],), (size[1],)))
+    return xr.DataArray(data, dims=(*raw.dims[:-2], "y", "x"), name="maps")
 
 
 def _check_slot(dataset: str, model: str, slot: int, n: int) -> None:

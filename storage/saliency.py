@@ -7,6 +7,11 @@ Layout (``docs/storage.md`` has the diagram)::
             images/  image_id label target probability width height boxes
             <method>/  maps (N, H, W) float16   raw (N, h, w) float32   [stderr (N, h, w)]
 
+Methods whose raw map is smaller than the map (``spec.derived``: every CAM method) have no
+``maps`` array: readers derive it from ``raw`` (:mod:`storage.derive`). Methods whose raw
+map is at map resolution (``spec.half_raw``: RISE) keep ``raw`` as float16 (schema version 2;
+version-1 stores keep every map and float32 raw maps, and read as before).
+
 With several classes per image (``--target topk:K`` or ``present``: ``n_targets = T > 1``)
 ``target`` and ``probability`` are ``(N, T)`` and every map array gains a ``class`` axis after
 the image axis, ``maps (N, T, H, W)``: slot ``j`` is the image's ``j``-th class (``target``
@@ -35,12 +40,15 @@ from typing import Any
 import numpy as np
 import zarr
 
+from .derive import maps_from_raw
 from .errors import IncompleteShardError, SchemaVersionError, StorageError, storage_errors
 from .location import Location
 from .names import check_run_id, glob_literal
 
-#: Bumped on any incompatible layout change; readers refuse other major versions.
-SCHEMA_VERSION = 1
+#: Bumped on any incompatible layout change; readers refuse versions they do not know.
+SCHEMA_VERSION = 2
+#: What this version reads: 1 (every map stored) and 2 (maps derived from small raw maps).
+READABLE_VERSIONS = (1, 2)
 MAX_BOXES = 16
 
 
@@ -62,6 +70,18 @@ class TableSpec:
     raw_shapes: dict[str, tuple[int, int]]  # method -> layer resolution of its raw map
     stderr_methods: tuple[str, ...] = ("shapcam",)
     n_targets: int = 1  # classes per image (the class axis exists when > 1)
+    derived: tuple[str, ...] = ()  # methods without a maps array: derived on read from raw
+    half_raw: tuple[str, ...] = ()  # methods whose raw map is kept as float16
+
+    @classmethod
+    def compact(cls, n_images: int, shard_size: int, map_shape: tuple[int, int],
+                raw_shapes: dict[str, tuple[int, int]], **kw: Any) -> TableSpec:
+        """The layout runs write: maps derived from raw maps smaller than them, raw maps at
+        map resolution kept as float16 (``docs/storage.md`` has the measured sizes)."""
+        return cls(n_images, shard_size, map_shape, raw_shapes,
+                   derived=tuple(m for m, hw in raw_shapes.items() if tuple(hw) != map_shape),
+                   half_raw=tuple(m for m, hw in raw_shapes.items()
+                                  if tuple(hw) == map_shape), **kw)
 
     @property
     def per_image(self) -> tuple[int, ...]:
@@ -154,11 +174,13 @@ class SaliencyStore:
             H, W = spec.map_shape
             for method, (h, w) in spec.raw_shapes.items():
                 m = g.require_group(method)
-                m.create_array("maps", shape=(N, *T, H, W), chunks=(S, *T, H, W),
-                               dtype="float16", compressors=_compressors(), fill_value=np.nan,
-                               dimension_names=("image", *cls, "y", "x"))
+                if method not in spec.derived:
+                    m.create_array("maps", shape=(N, *T, H, W), chunks=(S, *T, H, W),
+                                   dtype="float16", compressors=_compressors(),
+                                   fill_value=np.nan, dimension_names=("image", *cls, "y", "x"))
                 m.create_array("raw", shape=(N, *T, h, w), chunks=(S, *T, h, w),
-                               dtype="float32", compressors=_compressors(), fill_value=np.nan,
+                               dtype="float16" if method in spec.half_raw else "float32",
+                               compressors=_compressors(), fill_value=np.nan,
                                dimension_names=("image", *cls, "row", "col"))
                 if method in spec.stderr_methods:
                     m.create_array("stderr", shape=(N, *T, h, w), chunks=(S, *T, h, w),
@@ -202,8 +224,11 @@ class SaliencyStore:
                     raise StorageError(f"method {method!r} is not in table {dataset}/{model} "
                                        f"(it has {', '.join(spec.raw_shapes)})")
                 for name, value in arrays.items():
+                    if name == "maps" and method in spec.derived:
+                        continue  # derived from raw on read
                     arr = g[method][name]
-                    arr[sl] = _check(value, (n, *arr.shape[1:]), f"{method}.{name}")
+                    arr[sl] = _check(value, (n, *arr.shape[1:]),
+                                     f"{method}.{name}").astype(arr.dtype)
             done = self.location.write_bytes(
                 record_bytes({"shard": shard, "images": n, **dict(record or {})}),
                 *self._marker(dataset, model, shard))
@@ -231,12 +256,13 @@ class SaliencyStore:
             raise StorageError(f"{self.zarr_path}/zarr.json is damaged ({reason}); the run "
                                "cannot be read: start a new run id") from None
         version = group.attrs.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             newer = isinstance(version, int) and version > SCHEMA_VERSION
             raise SchemaVersionError(
-                f"{self.zarr_path} has schema version {version}, this shapcam reads version "
-                f"{SCHEMA_VERSION}: " + ("upgrade shapcam to read it" if newer else
-                                         "re-run it or read it with the shapcam that wrote it"))
+                f"{self.zarr_path} has schema version {version}, this shapcam reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}: "
+                + ("upgrade shapcam to read it" if newer else
+                   "re-run it or read it with the shapcam that wrote it"))
         return group
 
     def tables(self) -> list[tuple[str, str]]:
@@ -256,7 +282,8 @@ class SaliencyStore:
         spec = g.attrs["spec"]
         return TableSpec(spec["n_images"], spec["shard_size"], tuple(spec["map_shape"]),
                          {k: tuple(v) for k, v in spec["raw_shapes"].items()},
-                         tuple(spec["stderr_methods"]), spec.get("n_targets", 1)), g
+                         tuple(spec["stderr_methods"]), spec.get("n_targets", 1),
+                         tuple(spec.get("derived", ())), tuple(spec.get("half_raw", ()))), g
 
     @staticmethod
     def _marker(dataset: str, model: str, shard: int) -> tuple[str, ...]:
@@ -295,6 +322,8 @@ class SaliencyStore:
                 "resume it")
         if method not in g:
             raise StorageError(f"no method {method!r} in {dataset}/{model}")
+        if name == "maps" and method in spec.derived:
+            return maps_from_raw(g[method]["raw"][sl], spec.map_shape)
         return g[method][name][sl]
 
 
@@ -327,7 +356,9 @@ def _spec_json(spec: TableSpec) -> dict[str, Any]:
             "raw_shapes": {k: list(v) for k, v in spec.raw_shapes.items()},
             "stderr_methods": list(spec.stderr_methods),
             # written only with a class axis, so stores without one keep their exact spec
-            **({"n_targets": spec.n_targets} if spec.n_targets > 1 else {})}
+            **({"n_targets": spec.n_targets} if spec.n_targets > 1 else {}),
+            **({"derived": list(spec.derived)} if spec.derived else {}),
+            **({"half_raw": list(spec.half_raw)} if spec.half_raw else {})}
 
 
 def _check(value: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:

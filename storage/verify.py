@@ -194,7 +194,7 @@ def expected_arrays(spec) -> list[str]:
     names = [f"images/{a}" for a in ("image_id", "label", "target", "probability", "width",
                                      "height", "boxes")]
     for method in spec.raw_shapes:
-        names += [f"{method}/maps", f"{method}/raw"]
+        names += [f"{method}/raw"] + ([] if method in spec.derived else [f"{method}/maps"])
         names += [f"{method}/stderr"] if method in spec.stderr_methods else []
     return names
 

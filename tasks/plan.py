@@ -202,8 +202,8 @@ def _init_table(store: SaliencyStore, config: RunConfig, spec: ModelSpec,
         raw_shapes[m] = tuple(cam.raw_shape(hw, (INPUT_SIZE, INPUT_SIZE)))
     store.init_table(config.dataset, spec.name, [r.image_id for r in records],
                      [r.label for r in records],
-                     TableSpec(len(records), shard_size, (INPUT_SIZE, INPUT_SIZE), raw_shapes,
-                               n_targets=config.target_spec.slots(records)),
+                     TableSpec.compact(len(records), shard_size, (INPUT_SIZE, INPUT_SIZE),
+                                       raw_shapes, n_targets=config.target_spec.slots(records)),
                      {"weights": lm.weights, "target_layer": lm.target_layer,
                       "method_options": config.method_options,
                       "categories": list(lm.categories)})

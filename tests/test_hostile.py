@@ -123,7 +123,7 @@ def test_a_run_folder_with_glob_characters_reads_and_repairs_only_itself(tmp_pat
     res = CliRunner().invoke(app, ["query", str(odd), "select count(*) as n from metrics"])
     assert res.exit_code == 0 and res.output.split()[-1] == "2", res.output
     assert SaliencyStore(odd).shard_status("sample", "timm:test_resnet") == {0: True, 1: False}
-    chunk = next((odd / "maps.zarr" / "sample" / "timm:test_resnet" / "gradcam" / "maps")
+    chunk = next((odd / "maps.zarr" / "sample" / "timm:test_resnet" / "gradcam" / "raw")
                  .rglob("c/0/*/*"))
     chunk.write_bytes(b"\0" * chunk.stat().st_size)  # damage b?se's shard 0
     marked = mark_for_repair(str(odd), verify_run(str(odd)))

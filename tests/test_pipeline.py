@@ -149,8 +149,8 @@ def test_damage_is_found_and_repair_recomputes_exactly_those_shards(mobilenet, t
     assert verify_run(run_dir).ok
     before = open_run(run_dir).metrics().sort_values(["method", "image_id"])
     records = run_dir / "shards" / "sample" / "mobilenet_v2"
-    # shard 1: a flipped byte in its Shap-CAM map chunk
-    chunk = run_dir / "maps.zarr" / "sample" / "mobilenet_v2" / "shapcam" / "maps" / "c" / "1"
+    # shard 1: a flipped byte in its Shap-CAM raw map chunk (its maps derive from it)
+    chunk = run_dir / "maps.zarr" / "sample" / "mobilenet_v2" / "shapcam" / "raw" / "c" / "1"
     chunk = next(p for p in chunk.rglob("*") if p.is_file())
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x40

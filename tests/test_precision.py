@@ -107,8 +107,9 @@ def test_a_run_in_bf16_records_it_and_refuses_to_resume_in_fp32(mobilenet, tmp_p
         cfg = config(precision)
         plan = plan_run(str(tmp_path / precision), precision, cfg)
         process_shard(str(tmp_path / precision), cfg, cfg.models[0], 0, plan["shards"][0])
-        _, g = SaliencyStore(tmp_path / precision).table("sample", "mobilenet_v2")
-        runs[precision] = torch.from_numpy(g["gradcam"]["maps"][:].astype(np.float32))
+        maps = SaliencyStore(tmp_path / precision).read_shard("sample", "mobilenet_v2",
+                                                               "gradcam", 0)
+        runs[precision] = torch.from_numpy(maps.astype(np.float32))
     r = pearson(runs["fp32"], runs["bf16"])
     assert float(r.min()) >= 0.99 and not torch.equal(runs["fp32"], runs["bf16"])
     with pytest.raises(ShapCAMError, match="precision='bf16'"):

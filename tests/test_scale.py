@@ -252,3 +252,73 @@ def test_the_automatic_shard_size_keeps_the_task_count_bounded():
     assert auto_shard_size(10**7) == 128  # the unit of resume stays small
     for n in (1, 999, 4952, 50_000, 64_000):
         assert math.ceil(n / auto_shard_size(n)) <= TARGET_SHARDS
+
+
+@pytest.mark.parametrize("shape", [(7, 7), (14, 14), (28, 28), (9, 12), (224, 224)])
+def test_maps_derived_in_numpy_are_the_methods_maps_bit_for_bit(shape):
+    import torch
+    import torch.nn.functional as F
+
+    from shapcam.methods.base import minmax, upsample_normalise
+    from storage.derive import maps_from_raw
+
+    raw = np.random.default_rng(len(shape) + shape[0]).standard_normal((16, *shape))
+    raw = raw.astype(np.float32)
+    raw[3] = 0.0  # a constant map: all zeros
+    ours = upsample_normalise(torch.from_numpy(raw), (224, 224))
+    np.testing.assert_array_equal(maps_from_raw(raw, (224, 224)), ours.half().numpy())
+    # and the methods' maps are still PyTorch's bilinear upsampling, to float32 rounding
+    ref = minmax(F.interpolate(torch.from_numpy(raw).clamp_min(0)[:, None], size=(224, 224),
+                               mode="bilinear", align_corners=False)[:, 0])
+    assert float((ours - ref).abs().max()) < 2e-6
+    missing = np.full((2, *shape), np.nan, dtype=np.float32)  # a failed image stays NaN
+    assert np.isnan(maps_from_raw(missing, (224, 224))).all()
+
+
+@pytest.mark.real_weights
+def test_maps_derived_on_read_equal_the_maps_a_full_store_keeps(tmp_path, monkeypatch):
+    """The same shard written in the compact layout (CAM maps derived from raw maps, RISE's
+    raw map in float16) and in the full one (every map stored): ``Run.maps``, ``read_shard``
+    and the metrics are the same; the compact store is smaller."""
+    import tasks.plan
+    from storage import TableSpec
+    from tasks.pipeline import process_shard
+
+    def full(n, s, shape, raw_shapes, **kw):  # the layout before: every map stored
+        return TableSpec(n, s, shape, raw_shapes, **kw)
+
+    config = _sample_config(tmp_path, methods=["gradcam", "shapcam", "rise"], n_images=3,
+                            shard_size=3, target="topk:2",
+                            method_options={"shapcam": {"permutations": 8},
+                                            "rise": {"n_masks": 64}})
+    out = {}
+    for layout in ("compact", "full"):
+        if layout == "full":
+            monkeypatch.setattr(tasks.plan.TableSpec, "compact", staticmethod(full))
+        run_dir = str(tmp_path / layout)
+        plan = tasks.plan.plan_run(run_dir, layout, config)
+        process_shard(run_dir, config, config.models[0], 0, plan["shards"][0])
+        out[layout] = open_run(run_dir)
+    compact, stored = out["compact"], out["full"]
+    spec = compact.store.table("sample", "mobilenet_v2")[0]
+    assert spec.derived == ("gradcam", "shapcam") and spec.half_raw == ("rise",)
+    for method in config.methods:
+        a = compact.maps("sample", "mobilenet_v2", method).values
+        b = stored.maps("sample", "mobilenet_v2", method).values
+        assert a.shape == b.shape == (3, 2, 224, 224) and a.dtype == np.float16
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(
+            compact.store.read_shard("sample", "mobilenet_v2", method, 0), b)
+    raw = compact.maps("sample", "mobilenet_v2", "rise", variable="raw").values
+    ref = stored.maps("sample", "mobilenet_v2", "rise", variable="raw").values
+    assert raw.dtype == np.float16
+    np.testing.assert_allclose(raw.astype(np.float32), ref, rtol=1e-3)
+    cols = ["method", "image_id", "target", "avg_drop", "increase", "proportion"]
+    ma = compact.metrics(columns=cols).sort_values(cols[:3]).reset_index(drop=True)
+    mb = stored.metrics(columns=cols).sort_values(cols[:3]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(ma, mb)
+
+    def size(root):
+        return sum(p.stat().st_size for p in (root / "maps.zarr").rglob("*") if p.is_file())
+
+    assert size(tmp_path / "compact") < 0.6 * size(tmp_path / "full")

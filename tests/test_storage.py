@@ -127,7 +127,7 @@ def test_bad_shapes_and_names_are_clear_errors(tmp_path):
         SaliencyStore.create(tmp_path, "run-2")
 
 
-@pytest.mark.parametrize("version, hint", [(2, "upgrade shapcam"), (0, "re-run it")])
+@pytest.mark.parametrize("version, hint", [(3, "upgrade shapcam"), (0, "re-run it")])
 def test_other_schema_versions_are_refused(tmp_path, version, hint):
     make_store(tmp_path, shards=(0,))
     meta = tmp_path / "maps.zarr" / "zarr.json"

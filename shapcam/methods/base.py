@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ShapCAMError
@@ -49,11 +48,34 @@ def minmax(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return torch.where(span > eps, (maps - lo) / span.clamp_min(eps), torch.zeros_like(maps))
 
 
+def linear_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor]:
+    """Bilinear resizing along one axis as PyTorch's ``align_corners=False``: for each output
+    position the two source positions and their float32 weights."""
+    scale = torch.tensor(n_in, dtype=torch.float32) / n_out
+    src = (scale * (torch.arange(n_out, dtype=torch.float32) + 0.5) - 0.5).clamp_min(0)
+    lo = src.long()
+    hi = torch.where(lo < n_in - 1, lo + 1, lo)
+    w1 = src - lo.float()
+    return lo, hi, 1 - w1, w1
+
+
 def upsample_normalise(raw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``ReLU -> bilinear upsample to size -> min-max``: ``(B, h, w) -> (B, H, W)`` in [0, 1]."""
-    up = F.interpolate(raw.float().clamp_min(0).unsqueeze(1), size=size, mode="bilinear",
-                       align_corners=False).squeeze(1)
-    return minmax(up)
+    """``ReLU -> bilinear upsample to size -> min-max``: ``(B, h, w) -> (B, H, W)`` in [0, 1].
+
+    The bilinear step is ``F.interpolate(mode="bilinear", align_corners=False)`` written as
+    separate float32 multiplies and adds (no fused kernel), so the storage layer's numpy twin
+    (:func:`storage.derive.maps_from_raw`, which derives stored maps from raw maps) gives the
+    same values bit for bit on every device.
+    """
+    x = raw.float().clamp_min(0)
+    (ylo, yhi, y0, y1), (xlo, xhi, x0, x1) = (
+        [t.to(x.device) for t in linear_taps(n, m)]
+        for n, m in zip(x.shape[-2:], size, strict=True))
+    r0, r1 = x[..., ylo, :], x[..., yhi, :]
+    t0 = r0[..., xlo] * x0 + r0[..., xhi] * x1
+    t1 = r1[..., xlo] * x0 + r1[..., xhi] * x1
+    return minmax(t0 * y0[:, None] + t1 * y1[:, None])
 
 
 @contextmanager
