@@ -346,3 +346,35 @@ def _pick(browser, wait, label: str, option: str) -> None:
 def test_open_run_of_runs_dir_is_not_a_run(runs):
     with pytest.raises(StorageError):
         open_run(runs / "missing")
+
+
+def test_the_sql_box_keeps_one_sandbox_per_run_version_across_reruns(runs, monkeypatch):
+    """Streamlit reruns the script on every click: the SQL box must not copy the run's tables
+    again each time (one locked sandbox per run and version of its tables), and a query that
+    tries to change it changes nothing for the next."""
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    built = []
+    real = Run.sandbox
+    monkeypatch.setattr(Run, "sandbox", lambda self: built.append(self.root) or real(self))
+    monkeypatch.setattr(sys, "argv", ["app.py", "--runs", str(runs)])
+    st.cache_resource.clear()
+    def session() -> AppTest:
+        at = AppTest.from_file(str(REPO / "dashboards" / "app.py"), default_timeout=120).run()
+        at.selectbox(key="run").select("done (completed)").run()
+        return at
+
+    at = session()
+    count = "select count(*) as n from metrics"
+    for query in (count, "drop table metrics", count, "select 1; delete from metrics", count):
+        at.text_area(key="sql").input(query)
+        at.button[0].click().run()
+        assert not at.exception, at.exception
+        refused = [e.value for e in at.error]
+        assert bool(refused) == (query != count), refused
+    assert len(built) == 1 and int(at.dataframe[-1].value["n"][0]) == 12
+    second = session()
+    second.text_area(key="sql").input(count)
+    second.button[0].click().run()
+    assert len(built) == 1 and not second.exception  # another session: the same sandbox
