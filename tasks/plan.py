@@ -215,7 +215,7 @@ def complete_shards(run_dir: str, config: RunConfig, n_shards: int, *, explain: 
     False) and every method's metrics of ``config.protocol`` written. One listing of the
     completion records and one of the metrics files, whatever the number of shards."""
     store = SaliencyStore(run_dir)
-    files = shard_files(store.location).get(config.protocol, {})
+    files = shard_files(store.location, sizes=False).get(config.protocol, {})
     done = set()
     for spec in config.models:
         status = store.shard_status(config.dataset, spec.name) if explain else {}
