@@ -58,6 +58,21 @@ def _disagreement(path: str, dataset: str, model: str, a: str, b: str,
     return data.map_disagreement(Run(path), dataset, model, a, b, list(ids), slot=slot)
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def _image_view(path: str, version: str, dataset: str, model: str, protocol: str,
+                image_id: str, slot: int, _table: pd.DataFrame) -> data.ImageView:
+    """One image's maps and photo, read once per run version (``_table``, the image table
+    of the other arguments, is not hashed): a widget that does not change the image does
+    not read its maps again."""
+    return data.image_view(Run(path), dataset, model, image_id, _table)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _per_class(path: str, version: str, dataset: str, model: str, protocol: str, slot: int,
+               metric: str, methods: tuple[str, ...], _table: pd.DataFrame) -> pd.DataFrame:
+    return data.per_class(_table, metric, list(methods), data.method_titles(Run(path)))
+
+
 def stderr_image(stderr: np.ndarray, size: tuple[int, int]) -> Image.Image:
     scaled = stderr / max(float(np.nanmax(stderr)), 1e-12)
     rgb = (255 * colormaps["magma"](np.nan_to_num(scaled))[..., :3]).astype(np.uint8)
@@ -147,13 +162,14 @@ def images(run: Run, dataset: str, model: str, protocol: str, table: pd.DataFram
     st.dataframe(rows[cols], hide_index=True, use_container_width=True)
     image_id = st.selectbox("Image", rows["image_id"].tolist(), key="image")
     show_stderr = st.checkbox("Show Shap-CAM's standard-error map", key="stderr")
-    image_panel(run, dataset, model, image_id, table, show_stderr)
+    image_panel(run, dataset, model, protocol, image_id, table, show_stderr)
 
 
-def image_panel(run: Run, dataset: str, model: str, image_id: str, table: pd.DataFrame,
-                show_stderr: bool) -> None:
+def image_panel(run: Run, dataset: str, model: str, protocol: str, image_id: str,
+                table: pd.DataFrame, show_stderr: bool) -> None:
     try:
-        view = data.image_view(run, dataset, model, image_id, table)
+        view = _image_view(str(run.root), run.version(), dataset, model, protocol, image_id,
+                           int(table["slot"].iloc[0]), table)
     except StorageError as exc:
         st.error(str(exc))
         return
@@ -182,11 +198,13 @@ def image_panel(run: Run, dataset: str, model: str, image_id: str, table: pd.Dat
                           caption="Shap-CAM standard error (per position)")
 
 
-def per_class(table: pd.DataFrame, methods: list[str], titles: dict[str, str]) -> None:
+def per_class(run: Run, dataset: str, model: str, protocol: str, table: pd.DataFrame,
+              methods: list[str]) -> None:
     st.subheader("Per class")
     metric = st.selectbox("Metric per class", data.metric_choices(table), key="class_metric",
                           format_func=lambda k: data.METRICS[k])
-    frame = data.per_class(table, metric, methods, titles)
+    frame = _per_class(str(run.root), run.version(), dataset, model, protocol,
+                       int(table["slot"].iloc[0]), metric, tuple(methods), table)
     if frame.empty:
         st.info("No metric values yet.")
         return
@@ -257,7 +275,7 @@ def main() -> None:
     with tabs[0]:
         images(run, dataset, model, protocol, table, methods)
     with tabs[1]:
-        per_class(table, methods, data.method_titles(run))
+        per_class(run, dataset, model, protocol, table, methods)
     with tabs[2]:
         sql_box(run)
 

@@ -97,20 +97,16 @@ class Run:
             warnings.simplefilter("ignore")
             ds = xr.open_zarr(self.store.zarr_path, group=f"{dataset}/{model}/{method}",
                               consolidated=False)
-        spec = self.store.table(dataset, model)[0]
-        if variable == "maps" and method in spec.derived:
-            da = _derived_maps(ds["raw"], spec.map_shape)
-        elif variable not in ds:
+        spec, g = self.store.table(dataset, model)
+        derived = variable == "maps" and method in spec.derived
+        if not derived and variable not in ds:
             raise StorageError(f"{dataset}/{model}/{method} has no {variable!r} "
                                f"(it has {', '.join(ds.data_vars)})")
-        else:
-            da = ds[variable]
-        da = da.assign_coords(image=images["image_id"].to_numpy(),
-                                        label=("image", images["label"].to_numpy()))
+        da = ds["raw" if derived else variable].assign_coords(
+            image=images["image_id"].to_numpy(), label=("image", images["label"].to_numpy()))
         if slot is not None:
             _check_slot(dataset, model, slot, da.sizes.get("class", 1))
         if "class" in da.dims:
-            _, g = self.store.table(dataset, model)
             da = da.assign_coords(target=(("image", "class"), g["images"]["target"][:]))
             if slot is not None:
                 da = da.isel({"class": slot})
@@ -128,7 +124,9 @@ class Run:
             shards = sorted(selected.loc[~selected["complete"], "shard"].unique().tolist())
             raise IncompleteShardError(f"{dataset}/{model}: shards {shards} are incomplete; "
                                        "resume the run or pass allow_incomplete=True")
-        return da.isel(image=np.flatnonzero(keep))
+        da = da.isel(image=np.flatnonzero(keep))
+        # derived maps: from the selected raw maps only (one image computes one map)
+        return _derived_maps(da, spec.map_shape) if derived else da
 
     def image_index(self, dataset: str) -> pd.DataFrame:
         """Path, classes and boxes (original pixels) of each image (``images-<dataset>``)."""
@@ -329,7 +327,9 @@ def _derived_maps(raw, size: tuple[int, int]):
 
     data = raw.data.map_blocks(maps_from_raw, size, dtype=np.float16,
                                chunks=(*raw.data.chunks[:-2], (size[0],), (size[1],)))
-    return xr.DataArray(data, dims=(*raw.dims[:-2], "y", "x"), name="maps")
+    lead = set(raw.dims[:-2])
+    coords = {k: v for k, v in raw.coords.items() if set(v.dims) <= lead}
+    return xr.DataArray(data, dims=(*raw.dims[:-2], "y", "x"), coords=coords, name="maps")
 
 
 def _check_slot(dataset: str, model: str, slot: int, n: int) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -32,6 +33,21 @@ def shapcam_run(tmp_path: Path, run_id: str, *extra: str, api: str | None = None
         env["PREFECT_API_URL"] = api
     return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+async def _tasks_of_latest(flow_run_name: str, api: str) -> list[str]:
+    """The task run names of the newest flow run called ``flow_run_name`` on ``api``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}):
+        async with get_client() as client:
+            runs = [r for r in await client.read_flow_runs() if r.name == flow_run_name]
+            latest = max(runs, key=lambda r: r.created)
+            tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[latest.id])))
+    return sorted(t.name for t in tasks)
 
 
 FAST = ("--methods", "gradcam,shapcam", "--set", "shapcam.permutations=16", "--shard-size",
@@ -81,7 +97,9 @@ def test_flow_on_local_server_and_dask_workers(mobilenet, tmp_path, shared_api):
     proc = shapcam_run(tmp_path, "r1", *FAST, "--task-resources", "GPU=1", api=shared_api)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
-    assert "(2 shards done before)" in out and "shard 1/2" not in out, out
+    assert "tasks: none to run (2 of 2 shards were already done)" in out, out
+    tasks = asyncio.run(_tasks_of_latest("explain sample (r1)", shared_api))
+    assert tasks == [], tasks  # before: one task run per shard, each only skipping
     after = {p.name: p.stat().st_mtime_ns for p in (run_dir / "shards").rglob("*.json")}
     assert after == records_before
     # Another protocol variant from the stored maps, next to the first one.

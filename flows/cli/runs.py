@@ -181,9 +181,12 @@ def run(run_id: RunId = None, repair: Annotated[bool, typer.Option(
         typer.echo("\n" + markdown(paper_table(table, caption(config, model,
                                                                 result["images"]))))
     n, secs, models = result["images"], result["task_seconds"], len(config.models)
-    typer.echo(f"\ntasks: {secs:.1f} s for {n} images x {models} model(s) "
-               f"({n * models / secs:.2f} images/s; {result['skipped']} of "
-               f"{result['shards']} shards were already done)")
+    done = f"{result['skipped']} of {result['shards']} shards were already done"
+    if result["skipped"] >= result["shards"]:
+        typer.echo(f"\ntasks: none to run ({done})")
+    else:
+        typer.echo(f"\ntasks: {secs:.1f} s for {n} images x {models} model(s) "
+                   f"({n * models / secs:.2f} images/s; {done})")
     typer.echo(f"report: {result['report']}\nquery:  shapcam query {run_dir} "
                "\"select method, avg(avg_drop) from metrics group by method\"")
 
