@@ -359,6 +359,9 @@ def test_the_sql_box_keeps_one_sandbox_per_run_version_across_reruns(runs, monke
     real = Run.sandbox
     monkeypatch.setattr(Run, "sandbox", lambda self: built.append(self.root) or real(self))
     monkeypatch.setattr(sys, "argv", ["app.py", "--runs", str(runs)])
+    # AppTest runs the script as sys.modules["__main__"]: left there, every process spawned
+    # later in this session (Dask's worker processes) would run the dashboard as its main
+    monkeypatch.setitem(sys.modules, "__main__", sys.modules["__main__"])
     st.cache_resource.clear()
     def session() -> AppTest:
         at = AppTest.from_file(str(REPO / "dashboards" / "app.py"), default_timeout=120).run()
