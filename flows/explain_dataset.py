@@ -141,8 +141,9 @@ def evaluate_store(run_dir: str, run_id: str, protocol: str = "scorecam",
     done = complete_shards(run_dir, cfg, n_shards, explain=False)
     futures = []
     todo = [(m, k) for m in cfg.models for k in range(n_shards) if (m.name, k) not in done]
+    maps = {m.name: store.shard_status(cfg.dataset, m.name) for m in cfg.models}
     for model, k in todo:
-        if not store.completed(cfg.dataset, model.name, k):
+        if not maps[model.name][k]:
             raise ShapCAMError(f"shard {k} of {model.name} has no maps yet: finish the "
                                f"run with `shapcam run --run-id {run_id}` first")
     if todo:

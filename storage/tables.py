@@ -13,6 +13,7 @@ reader never sees half a file and a killed writer leaves no partial file under i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import zlib
@@ -185,7 +186,8 @@ def invalidate(loc: Location, protocol: str | None = None) -> None:
         for parts in ((name,), checksum_parts(name)):
             path = loc.path(*parts)
             if loc.fs.exists(path):
-                loc.fs.rm(path)
+                with contextlib.suppress(FileNotFoundError):  # another writer was first
+                    loc.fs.rm(path)
 
 
 def write_manifest(root: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> str:
