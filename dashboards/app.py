@@ -110,7 +110,7 @@ def summary(run: Run, dataset: str, model: str, protocol: str, info: data.RunInf
                f"{info.images} images")
 
 
-def images(run: Run, dataset: str, model: str, protocol: str, table: pd.DataFrame,
+def images(run: Run, version: str, dataset: str, model: str, protocol: str, table: pd.DataFrame,
            methods: list[str]) -> None:
     st.subheader("Images")
     titles = data.method_titles(run)
@@ -162,13 +162,13 @@ def images(run: Run, dataset: str, model: str, protocol: str, table: pd.DataFram
     st.dataframe(rows[cols], hide_index=True, use_container_width=True)
     image_id = st.selectbox("Image", rows["image_id"].tolist(), key="image")
     show_stderr = st.checkbox("Show Shap-CAM's standard-error map", key="stderr")
-    image_panel(run, dataset, model, protocol, image_id, table, show_stderr)
+    image_panel(run, version, dataset, model, protocol, image_id, table, show_stderr)
 
 
-def image_panel(run: Run, dataset: str, model: str, protocol: str, image_id: str,
+def image_panel(run: Run, version: str, dataset: str, model: str, protocol: str, image_id: str,
                 table: pd.DataFrame, show_stderr: bool) -> None:
     try:
-        view = _image_view(str(run.root), run.version(), dataset, model, protocol, image_id,
+        view = _image_view(str(run.root), version, dataset, model, protocol, image_id,
                            int(table["slot"].iloc[0]), table)
     except StorageError as exc:
         st.error(str(exc))
@@ -198,12 +198,12 @@ def image_panel(run: Run, dataset: str, model: str, protocol: str, image_id: str
                           caption="Shap-CAM standard error (per position)")
 
 
-def per_class(run: Run, dataset: str, model: str, protocol: str, table: pd.DataFrame,
-              methods: list[str]) -> None:
+def per_class(run: Run, version: str, dataset: str, model: str, protocol: str,
+              table: pd.DataFrame, methods: list[str]) -> None:
     st.subheader("Per class")
     metric = st.selectbox("Metric per class", data.metric_choices(table), key="class_metric",
                           format_func=lambda k: data.METRICS[k])
-    frame = _per_class(str(run.root), run.version(), dataset, model, protocol,
+    frame = _per_class(str(run.root), version, dataset, model, protocol,
                        int(table["slot"].iloc[0]), metric, tuple(methods), table)
     if frame.empty:
         st.info("No metric values yet.")
@@ -212,7 +212,7 @@ def per_class(run: Run, dataset: str, model: str, protocol: str, table: pd.DataF
     st.dataframe(frame, use_container_width=True)
 
 
-def sql_box(run: Run) -> None:
+def sql_box(run: Run, version: str) -> None:
     st.subheader("SQL (DuckDB over metrics, manifest, summary)")
     st.caption(f"Read-only: queries see this run's tables and nothing else (no files, URLs, "
                f"extensions or settings); at most {SQL_MAX_ROWS:,} rows, "
@@ -226,7 +226,7 @@ def sql_box(run: Run) -> None:
         return
     st.caption(f"ran: {query}")
     try:
-        result = _sandbox(str(run.root), run.version()).query(
+        result = _sandbox(str(run.root), version).query(
             query, max_rows=SQL_MAX_ROWS, max_bytes=SQL_MAX_BYTES, timeout=SQL_TIMEOUT)
     except StorageError as exc:
         st.error(str(exc))
@@ -270,14 +270,15 @@ def main() -> None:
         slot = st.sidebar.selectbox("Explained class", list(range(n_slots)), key="slot",
                                     format_func=lambda j: f"class {j + 1} of the image's "
                                                           f"{n_slots}")
-    table = _image_table(info.path, dataset, model, protocol, run.version(), slot)
+    version = run.version()  # one listing per rerun: the key of every cached read below
+    table = _image_table(info.path, dataset, model, protocol, version, slot)
     tabs = st.tabs(["Images", "Per class", "SQL"])
     with tabs[0]:
-        images(run, dataset, model, protocol, table, methods)
+        images(run, version, dataset, model, protocol, table, methods)
     with tabs[1]:
-        per_class(run, dataset, model, protocol, table, methods)
+        per_class(run, version, dataset, model, protocol, table, methods)
     with tabs[2]:
-        sql_box(run)
+        sql_box(run, version)
 
 
 main()

@@ -162,11 +162,9 @@ def plan_run(run_dir: str, run_id: str, config: RunConfig) -> dict[str, Any]:
         open_dataset(config.dataset, config.root, config.split), config.n_images, config.seed)
     if not records:
         raise ShapCAMError(f"dataset {config.dataset} has no images")
-    fingerprint = dataset_fingerprint([str(r.path) for r in records], config.root)
     store = SaliencyStore.create(run_dir, run_id, {
         "config": config.to_dict(), "config_hash": config.hash(),
         "method_titles": {m: METHOD_TITLES[m] for m in config.methods},
-        "dataset_fingerprint": fingerprint,
         "versions": {"torch": torch.__version__, "numpy": np.__version__}})
     stored_config = RunConfig.from_dict(store.attrs["config"])
     changed = stored_config.changed_map_options(config)
@@ -177,7 +175,8 @@ def plan_run(run_dir: str, run_id: str, config: RunConfig) -> dict[str, Any]:
     if stored is None:
         _check_same_images(store, config, records)
         write_image_index(run_dir, config.dataset, [image_index_row(r) for r in records])
-        store.update_attrs({"dataset_fingerprint": fingerprint})
+        store.update_attrs({"dataset_fingerprint": dataset_fingerprint(
+            [str(r.path) for r in records], config.root)})
     S = config.shard_size or auto_shard_size(len(records))
     for spec in config.models:
         _init_table(store, config, spec, records, S)

@@ -143,9 +143,10 @@ class ComputedMaps:
         self.out: dict[str, dict[str, np.ndarray]] = {}
         for m in methods:
             h, w = job.spec.raw_shapes[m]
-            self.out[m] = {"maps": np.full((n, *T, INPUT_SIZE, INPUT_SIZE), np.nan,
-                                           dtype=np.float16),
-                           "raw": np.full((n, *T, h, w), np.nan, dtype=np.float32)}
+            self.out[m] = {"raw": np.full((n, *T, h, w), np.nan, dtype=np.float32)}
+            if m not in job.spec.derived:  # the others' maps are derived from raw on read
+                self.out[m]["maps"] = np.full((n, *T, INPUT_SIZE, INPUT_SIZE), np.nan,
+                                              dtype=np.float16)
             if m in job.spec.stderr_methods:
                 self.out[m]["stderr"] = np.full((n, *T, h, w), np.nan, dtype=np.float32)
         # built (fx-traced) before the compute and its decoder threads: nothing traces while
@@ -174,7 +175,8 @@ class ComputedMaps:
                                        **slot.call_options(method, job.config.seed))
         synchronize(job.lm.device)
         self.seconds[method] += time.perf_counter() - t
-        arrays["maps"][at] = result.maps.half().cpu().numpy()
+        if "maps" in arrays:
+            arrays["maps"][at] = result.maps.half().cpu().numpy()
         arrays["raw"][at] = result.raw.float().cpu().numpy()
         if "stderr" in arrays:
             arrays["stderr"][at] = result.extras["stderr"].float().cpu().numpy()
