@@ -20,11 +20,13 @@ from shapcam.data import DATASETS
 from shapcam.errors import ShapCAMError
 from shapcam.evaluation.evaluate import PG_CLASSES
 from shapcam.evaluation.field_metrics import check_metrics
-from shapcam.evaluation.metrics import VARIANTS
+from shapcam.evaluation.metrics import VARIANTS, step_in_frame
 from shapcam.evaluation.targets import TargetSpec
 from shapcam.methods import METHODS, check_options, method_class
 from shapcam.runtime.precision import check_precision
 from shapcam.runtime.presets import resolve_preset
+from shapcam.zoo.factory import is_import_path
+from shapcam.zoo.preprocessing import check_input_size
 from shapcam.zoo.timm_models import PREFIX as TIMM_PREFIX
 
 #: The paper's methods in its column order (the default of ``--methods``).
@@ -122,26 +124,45 @@ def _known(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model to explain: torchvision name or ``timm:NAME``, weights (enum name,
-    ``pretrained`` for timm, state-dict path or ``random``) and target layer (None: the
-    model's default)."""
+    """A model to explain: torchvision name, ``timm:NAME`` or the import path of your factory
+    (``package.module:function``), weights (enum name, ``pretrained`` for timm, ``factory``
+    for a factory, state-dict path or ``random``), target layer (None: the model's default)
+    and input size (None: what the model declares, else 224)."""
 
     name: str = DEFAULT_MODEL
     weights: str = DEFAULT_WEIGHTS
     layer: str | None = None
+    input_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.input_size is not None:
+            check_input_size(self.input_size, f"--input-size of {self.name}")
 
     @classmethod
-    def parse(cls, text: str) -> ModelSpec:
+    def parse(cls, text: str, input_size: int | None = None) -> ModelSpec:
         """``NAME`` or ``NAME:WEIGHTS`` (e.g. ``vgg16:/w/vgg16.pth``,
-        ``timm:resnet50.a1_in1k:random``)."""
+        ``timm:resnet50.a1_in1k:random``, ``mypkg.nets:build:/w/best.pt``)."""
         text = text.strip()
         prefix = TIMM_PREFIX if text.startswith(TIMM_PREFIX) else ""
         name, _, weights = text.removeprefix(prefix).partition(":")
+        own, _, own_weights = weights.partition(":")
+        if not prefix and own and is_import_path(f"{name}:{own}") and not _torchvision(name):
+            name, weights = f"{name}:{own}", own_weights or FACTORY_WEIGHTS
         name = prefix + name if name else ""
         if not name:
             raise ShapCAMError(f"--models: empty model name in {text!r}; use NAME or "
                                "NAME:WEIGHTS, comma-separated")
-        return cls(name, weights or DEFAULT_WEIGHTS)
+        return cls(name, weights or DEFAULT_WEIGHTS, input_size=input_size)
+
+
+#: The weights spec of a factory's model as it built it.
+FACTORY_WEIGHTS = "factory"
+
+
+def _torchvision(name: str) -> bool:
+    import torchvision
+
+    return name in torchvision.models.list_models(module=torchvision.models)
 
 
 @dataclass(frozen=True)
@@ -243,12 +264,14 @@ class RunConfig:
     @classmethod
     def build(cls, *, methods: str | tuple[str, ...] = ALL_METHODS,
               models: str | tuple[ModelSpec, ...] = (ModelSpec(),), preset: str = "paper",
-              settings: list[str] | None = None, root: Any = None, **fields: Any) -> RunConfig:
+              settings: list[str] | None = None, root: Any = None,
+              input_size: int | None = None, **fields: Any) -> RunConfig:
         """From command-line style values: comma-separated ``methods`` and ``models``
-        (``NAME[:WEIGHTS]``), a ``preset`` name and ``--set METHOD.KEY=VALUE`` items."""
+        (``NAME[:WEIGHTS]``), a ``preset`` name, ``--set METHOD.KEY=VALUE`` items and
+        ``--input-size`` (every model's)."""
         names = tuple(m.strip() for m in methods.split(",") if m.strip()) if isinstance(
             methods, str) else tuple(methods)
-        specs = tuple(ModelSpec.parse(t) for t in models.split(",")) if isinstance(
+        specs = tuple(ModelSpec.parse(t, input_size) for t in models.split(",")) if isinstance(
             models, str) else tuple(models)
         for m in names:  # before --set, so an unknown method is named as such
             method_class(m)
@@ -259,7 +282,9 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: Prefect parameters and the store's ``config`` attribute."""
         d = dataclasses.asdict(self)
-        d["models"] = [dataclasses.asdict(m) for m in self.models]
+        # input_size only when set: configs (and their hashes) of earlier runs stay the same
+        d["models"] = [{k: v for k, v in dataclasses.asdict(m).items()
+                        if k != "input_size" or v is not None} for m in self.models]
         d["methods"] = list(self.methods)
         d["metrics"] = list(self.metrics)
         return d
@@ -307,6 +332,11 @@ class RunConfig:
     def causal_pixels(self) -> int | None:
         """Pixels per deletion/insertion step, None when the causal metrics are off."""
         return self.causal_step if self.causal else None
+
+    def causal_pixels_at(self, size: int) -> int | None:
+        """:attr:`causal_pixels` for a ``size`` x ``size`` frame (``causal_step`` is stated at
+        the paper's 224 x 224: :func:`~shapcam.evaluation.metrics.step_in_frame`)."""
+        return None if self.causal_pixels is None else step_in_frame(self.causal_pixels, size)
 
 
 class _Spec:

@@ -17,7 +17,6 @@ import torch
 from shapcam.data import ImageRecord, draw_records, open_dataset
 from shapcam.errors import ShapCAMError
 from shapcam.methods import METHOD_TITLES
-from shapcam.zoo.preprocessing import INPUT_SIZE
 from storage import Run, SaliencyStore, StorageError, TableSpec, write_image_index
 from storage.metrics_table import shard_files
 from storage.tables import metrics_parts
@@ -194,17 +193,17 @@ def _init_table(store: SaliencyStore, config: RunConfig, spec: ModelSpec,
     except StorageError:
         pass
     lm = cached_model(spec, "cpu")
+    frame = (lm.input_size, lm.input_size)  # maps, boxes and metrics live in the model's frame
     raw_shapes = {}
     for m in config.methods:
         cam = cached_method(lm, m, config.options_for(m))
-        hw = cam.feature_hw((INPUT_SIZE, INPUT_SIZE))
-        raw_shapes[m] = tuple(cam.raw_shape(hw, (INPUT_SIZE, INPUT_SIZE)))
+        raw_shapes[m] = tuple(cam.raw_shape(cam.feature_hw(frame), frame))
     store.init_table(config.dataset, spec.name, [r.image_id for r in records],
                      [r.label for r in records],
-                     TableSpec.compact(len(records), shard_size, (INPUT_SIZE, INPUT_SIZE),
-                                       raw_shapes, n_targets=config.target_spec.slots(records)),
+                     TableSpec.compact(len(records), shard_size, frame, raw_shapes,
+                                       n_targets=config.target_spec.slots(records)),
                      {"weights": lm.weights, "target_layer": lm.target_layer,
-                      "method_options": config.method_options,
+                      "method_options": config.method_options, "input_size": lm.input_size,
                       "categories": list(lm.categories)})
 
 

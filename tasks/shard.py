@@ -45,7 +45,6 @@ from shapcam.evaluation.evaluate import (
 from shapcam.evaluation.field_metrics import FIELD_METRICS
 from shapcam.runtime.precision import autocast, channels_last
 from shapcam.zoo.models import LoadedModel
-from shapcam.zoo.preprocessing import INPUT_SIZE
 from storage import SaliencyStore, TableSpec, write_metrics_shard
 from storage.tables import metrics_exist
 
@@ -99,6 +98,11 @@ class ShardJob:
     def options(self, method: str) -> dict[str, Any]:
         return method_options_for(self.config, method, self.forward)
 
+    @property
+    def size(self) -> int:
+        """Side of the input frame: the table's (the model's input size when it was made)."""
+        return self.spec.map_shape[0]
+
 
 @dataclass
 class Slot:
@@ -145,7 +149,7 @@ class ComputedMaps:
             h, w = job.spec.raw_shapes[m]
             self.out[m] = {"raw": np.full((n, *T, h, w), np.nan, dtype=np.float32)}
             if m not in job.spec.derived:  # the others' maps are derived from raw on read
-                self.out[m]["maps"] = np.full((n, *T, INPUT_SIZE, INPUT_SIZE), np.nan,
+                self.out[m]["maps"] = np.full((n, *T, *job.spec.map_shape), np.nan,
                                               dtype=np.float16)
             if m in job.spec.stderr_methods:
                 self.out[m]["stderr"] = np.full((n, *T, h, w), np.nan, dtype=np.float32)
@@ -258,8 +262,9 @@ class Scorer:
                                           slot.call_options(method, config.seed))
             self.rows[method] += score_maps(
                 job.lm.model, slot.x, maps, targets, examples, method, config.protocol,
-                config.causal_pixels, math.nan, seed=config.seed, pg_class=config.pg_class,
-                batch_size=job.forward, metrics=config.metrics, randomised=random_maps)
+                config.causal_pixels_at(job.size), math.nan, seed=config.seed,
+                pg_class=config.pg_class, batch_size=job.forward, metrics=config.metrics,
+                randomised=random_maps)
 
     def write(self, per_image: dict[str, float]) -> None:
         job, protocol = self.job, self.job.config.protocol
@@ -283,7 +288,7 @@ def good_batches(job: ShardJob) -> Iterator[tuple[list[Decoded], torch.Tensor]]:
     config = job.config
     batches = decoded_batches([record_from_dict(d) for d in job.records],
                               image_batch(config.device, config.batch_images),
-                              decode_threads(config.device, config.decode_threads))
+                              decode_threads(config.device, config.decode_threads), size=job.size)
     with contextlib.closing(batches):
         for batch in batches:
             for d in batch:
@@ -312,6 +317,11 @@ def open_job(run_dir: str, config: RunConfig, model: ModelSpec, shard: int,
     set_threads(config)
     lm = cached_model(model, config.device, config.channels_last)
     spec, group = store.table(config.dataset, model.name)
+    if spec.map_shape != (lm.input_size, lm.input_size):
+        raise ShapCAMError(f"{model.name} now takes {lm.input_size} x {lm.input_size} inputs; "
+                           f"its table in {run_dir} was made at {spec.map_shape[0]} x "
+                           f"{spec.map_shape[1]}: pass --input-size {spec.map_shape[0]} or "
+                           "start a new --run-id")
     return ShardJob(run_dir, config, model, shard, records, store, spec, group, lm,
                     forward_batch_for(lm, config), t0=t0, started_at=started_at)
 

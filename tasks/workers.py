@@ -88,12 +88,14 @@ def cached_model(spec: ModelSpec, device: str, nhwc: bool = False) -> LoadedMode
     channels-last memory format). Per thread, so tasks running at once on one worker
     (``--tasks-per-gpu``) share no model and no method built on it: the fallback split hooks
     the model's modules for the length of a call."""
-    key = (spec.name, spec.weights, spec.layer, device, nhwc, threading.get_ident())
+    key = (spec.name, spec.weights, spec.layer, spec.input_size, device, nhwc,
+           threading.get_ident())
     if key not in _MODELS:
         if device.startswith("cpu"):
             tune_allocator()  # worker processes: keep freed activations for reuse
         with BUILDS.build():  # finding the default layer runs the model
-            lm = load_model(spec.name, spec.weights, target_layer=spec.layer, device=device)
+            lm = load_model(spec.name, spec.weights, target_layer=spec.layer, device=device,
+                            input_size=spec.input_size)
         if nhwc:
             to_channels_last(lm.model)
         _MODELS[key] = lm

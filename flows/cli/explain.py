@@ -83,7 +83,7 @@ def explain_images(paths: list[Path], lm: Any, cam: Any, target: int | None, out
         for p in paths[start:start + images_per_batch]:
             try:
                 img = load_image(p)
-                batch.append((p, np.asarray(img), to_tensor(img)))
+                batch.append((p, np.asarray(img), to_tensor(img, lm.input_size)))
             except ShapCAMError as exc:
                 failures.append((p, str(exc)))
                 bar.update(1)

@@ -51,8 +51,12 @@ RUN_OPTIONS: list[tuple[str, Any, Any]] = [
      _D.split),
     ("models", Annotated[str, typer.Option(
         help="Comma-separated models; NAME or NAME:WEIGHTS (e.g. vgg16:/w/vgg16.pth, "
-             "timm:convnext_tiny:pretrained).")],
+             "timm:convnext_tiny:pretrained), or your factory package.module:function"
+             "[:WEIGHTS_FILE] (docs/models.md).")],
      f"{DEFAULT_MODEL}:{DEFAULT_WEIGHTS}"),
+    ("input_size", Annotated[int | None, typer.Option(
+        help="Input side in pixels of every model (default: what each declares, else 224).",
+        show_default=False)], None),
     ("methods", Annotated[str, typer.Option(help="Comma-separated methods.")],
      ",".join(ALL_METHODS)),
     ("n_images", Annotated[int | None, typer.Option(
@@ -227,10 +231,13 @@ def _dry_run(config: RunConfig, options: dict[str, Any]) -> None:
     torch.set_num_threads(options["threads"])
     total = 0.0
     for spec in config.models:
-        lm = load_model(spec.name, spec.weights, target_layer=spec.layer, device=device)
-        x = calibration_batch(lm.device, calibration_size(lm.device, config.batch_images))
+        lm = load_model(spec.name, spec.weights, target_layer=spec.layer, device=device,
+                        input_size=spec.input_size)
+        x = calibration_batch(lm.device, calibration_size(lm.device, config.batch_images),
+                              lm.input_size)
         t = time.perf_counter()
-        costs = calibrate(lm, config.methods, config.method_options, config.causal_pixels,
+        costs = calibrate(lm, config.methods, config.method_options,
+                          config.causal_pixels_at(lm.input_size),
                           config.protocol, x)
         secs = time.perf_counter() - t
         per_image = sum(c.seconds for c in costs)
@@ -270,13 +277,18 @@ def _repair(run_dir: str) -> None:
 
 
 def preflight(config: RunConfig, dask_address: str | None, gpus: str | None = None) -> None:
-    """Before a server or cluster starts: the weights of every model load on this machine
-    (cached, from the offline package, or downloaded now) and, with CUDA, a GPU is visible.
-    Skipped for a remote cluster, whose workers have their own devices, files and caches."""
+    """Before a server or cluster starts: every factory imports and the weights of every
+    model load on this machine (cached, from the offline package, or downloaded now) and,
+    with CUDA, a GPU is visible. Only the imports are checked for a remote cluster, whose
+    workers have their own devices, files and caches."""
+    from shapcam.zoo.factory import import_factory, is_import_path
     from shapcam.zoo.models import ensure_weights
 
     from ..runtime import visible_gpus
 
+    for model in config.models:  # the flow plans on this machine: it imports them too
+        if is_import_path(model.name):
+            import_factory(model.name)
     if dask_address is None:
         if config.device.startswith("cuda"):
             visible_gpus(gpus)

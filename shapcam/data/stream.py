@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ShapCAMError
+from ..zoo.preprocessing import INPUT_SIZE
 from .records import ImageRecord, load_example
 
 #: Images per compute batch when not given: small on CPU (the activations of a batch of 8 stay
@@ -63,17 +64,18 @@ class Decoded:
     error: str | None = None
 
 
-def decode(index: int, record: ImageRecord) -> Decoded:
-    """Decode one record; a corrupt or missing image is a :class:`Decoded` with ``error``."""
+def decode(index: int, record: ImageRecord, size: int = INPUT_SIZE) -> Decoded:
+    """Decode one record into the ``size`` x ``size`` frame; a corrupt or missing image is a
+    :class:`Decoded` with ``error``."""
     try:
-        x, boxes, size = load_example(record)
+        x, boxes, original = load_example(record, size)
     except Exception as exc:  # noqa: BLE001 - any unreadable image is a per-image failure
         return Decoded(index, record, error=str(exc))
-    return Decoded(index, record, x, boxes, size)
+    return Decoded(index, record, x, boxes, original)
 
 
 def decoded_batches(records: Sequence[ImageRecord], batch_size: int, threads: int = 1,
-                    lookahead: int = 2) -> Iterator[list[Decoded]]:
+                    lookahead: int = 2, size: int = INPUT_SIZE) -> Iterator[list[Decoded]]:
     """``records`` decoded once each, in order, as lists of up to ``batch_size``.
 
     ``threads`` decoder threads keep up to ``lookahead`` batches decoded ahead of the consumer
@@ -84,13 +86,13 @@ def decoded_batches(records: Sequence[ImageRecord], batch_size: int, threads: in
                for s in range(0, len(records), batch_size)]
     if threads == 0:
         for batch in batches:
-            yield [decode(i, r) for i, r in batch]
+            yield [decode(i, r, size) for i, r in batch]
         return
     pool = ThreadPoolExecutor(threads, thread_name_prefix="shapcam-decode")
     queued: deque[list[Future[Decoded]]] = deque()
     try:
         for batch in batches:
-            queued.append([pool.submit(decode, i, r) for i, r in batch])
+            queued.append([pool.submit(decode, i, r, size) for i, r in batch])
             if len(queued) > lookahead:
                 yield [f.result() for f in queued.popleft()]
         while queued:

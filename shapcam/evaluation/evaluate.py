@@ -30,7 +30,7 @@ from .field_metrics import (
     randomisable_layers,
     randomised_copy,
 )
-from .metrics import confidence_metrics, deletion_insertion, energy_pointing_game
+from .metrics import confidence_metrics, deletion_insertion, energy_pointing_game, step_in_frame
 from .targets import TargetSpec
 
 #: Table rows: (row label, column of the per-image rows, how to aggregate).
@@ -132,7 +132,8 @@ def evaluate_records(
     and backward (:mod:`shapcam.runtime.precision`; ``fp32`` is exact). ``metrics``: field metrics
     (:data:`~shapcam.evaluation.field_metrics.FIELD_METRICS`) next to the paper's.
     ``metrics`` is checked as the CLI checks it (``all`` expands; an unknown name is an
-    error). ``target``: :mod:`shapcam.evaluation.targets` (``predicted``, ``label``,
+    error). ``causal_step``: pixels per deletion/insertion step at 224 x 224, scaled to the
+    model's input frame. ``target``: :mod:`shapcam.evaluation.targets` (``predicted``, ``label``,
     ``topk:K``, ``present``); with several classes per image each gets its own rows (their
     ``target`` column)."""
     spec = TargetSpec.parse(target)
@@ -145,7 +146,8 @@ def evaluate_records(
     rows: list[MetricRow] = []
     device = lm.device
     batches = decoded_batches(records, image_batch(str(device), batch_images),
-                              decode_threads(str(device), threads))
+                              decode_threads(str(device), threads), size=lm.input_size)
+    step = step_in_frame(causal_step, lm.input_size) if causal else None
     for batch in batches:
         ok = [(d.record, d.x, d.boxes) for d in batch if d.error is None]
         for d in batch:
@@ -162,7 +164,7 @@ def evaluate_records(
                 for name, cam in cams.items():
                     with autocast(device, precision):
                         rows += _evaluate_batch(cam, name, lm, sub, x_sub, targets, protocol,
-                                                causal_step if causal else None, seed,
+                                                step, seed,
                                                 pg_class, metrics, randomised.get(name, []))
         if progress is not None:
             progress(len(batch))

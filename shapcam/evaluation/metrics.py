@@ -163,6 +163,17 @@ def auc(curve: torch.Tensor) -> torch.Tensor:
     return (curve.sum(-1) - (curve[..., 0] + curve[..., -1]) / 2) / n
 
 
+#: The frame in which deletion/insertion steps are stated (the paper's input).
+STEP_FRAME = 224
+
+
+def step_in_frame(step: int, size: int) -> int:
+    """A deletion/insertion step of ``step`` pixels at :data:`STEP_FRAME` x STEP_FRAME, for a
+    ``size`` x ``size`` frame: scaled by area, so a curve keeps its number of steps (224
+    pixels: 224 steps at 224; 5 pixels and 205 steps at 32; 399 pixels at 299)."""
+    return max(1, round(step * size * size / (STEP_FRAME * STEP_FRAME)))
+
+
 def causal_curves(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
                   mode: Literal["deletion", "insertion"], step: int = 224,
                   batch_size: int | None = None, seeds: Sequence[int] | int = 0

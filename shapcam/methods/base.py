@@ -126,7 +126,8 @@ class CAMMethod(ABC):
             return
         # traced in eval mode: fx bakes Python branches on ``self.training`` into the graph
         with eval_mode(self.model):
-            self.trunk, self.head = split_model(self.model, target_layer)
+            size = self.loaded.input_size if self.loaded is not None else 224
+            self.trunk, self.head = split_model(self.model, target_layer, input_size=size)
 
     @property
     def device(self) -> torch.device:

@@ -169,13 +169,14 @@ def _metric_seconds(lm: LoadedModel, x: torch.Tensor, maps: torch.Tensor,
     return seconds
 
 
-def calibration_batch(device: torch.device, batch: int) -> torch.Tensor:
-    """``batch`` real photos (the bundled ones, repeated) preprocessed on ``device``."""
+def calibration_batch(device: torch.device, batch: int, size: int = INPUT_SIZE) -> torch.Tensor:
+    """``batch`` real photos (the bundled ones, repeated) preprocessed to ``size`` x ``size``
+    on ``device``."""
     from ..data.images import load_batch
     from ..data.photos import BUNDLED_PHOTOS
 
     paths = [p.path for p in BUNDLED_PHOTOS]
-    x, _ = load_batch([paths[i % len(paths)] for i in range(batch)], INPUT_SIZE)
+    x, _ = load_batch([paths[i % len(paths)] for i in range(batch)], size)
     return x.to(device)
 
 

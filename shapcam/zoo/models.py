@@ -8,6 +8,9 @@ Weights are given as a *spec* string:
   ``"MobileNet_V2_Weights.IMAGENET1K_V1"``; loaded through torchvision's own mechanism, i.e.
   from ``$TORCH_HOME/hub/checkpoints`` when present, downloaded otherwise;
 - a path to a local state dict (``.pth``/``.pt``), optionally wrapped as ``{"state_dict": ...}``.
+
+Your own classifier is named by the import path of a factory, ``package.module:function``
+(:mod:`shapcam.zoo.factory`): it declares its layer, classes, input size and normalisation.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ import torchvision
 from torch import nn
 
 from ..errors import ShapCAMError
-from . import timm_models
-from .preprocessing import INPUT_SIZE
+from . import factory, timm_models
+from .preprocessing import INPUT_SIZE, adapt_normalisation, check_input_size
 from .state_dicts import checkpoint_meta, is_path, load_state_dict_file
 
 #: Seed of ``"random"`` weights (the caller's RNG state is left as it was).
@@ -48,6 +51,8 @@ class LoadedModel:
     weights: str
     target_layer: str
     categories: list[str] = field(default_factory=list)
+    #: Square side of the model's input in pixels: maps, boxes and metrics live in this frame.
+    input_size: int = INPUT_SIZE
 
     @property
     def device(self) -> torch.device:
@@ -92,6 +97,17 @@ def _weights_enum(name: str, spec: str) -> torchvision.models.WeightsEnum:
 
 
 def _check_name(name: str) -> None:
+    if factory.is_import_path(name):
+        try:
+            factory.import_factory(name)  # imports it: one line when it cannot be
+        except ShapCAMError as exc:
+            head = name.partition(":")[0]
+            close = difflib.get_close_matches(head, available_models(), n=3, cutoff=0.75)
+            if close and "." not in head:  # e.g. resnt18:IMAGENET1K_V1
+                raise ShapCAMError(f"{exc}; or did you mean the torchvision model "
+                                   f"{', '.join(close)}?") from None
+            raise
+        return
     if timm_models.is_timm(name):
         timm_models.architecture(name)
         return
@@ -107,12 +123,15 @@ def ensure_weights(name: str, weights: str | os.PathLike[str] | None) -> None:
     made now). Raises one :class:`ShapCAMError` saying what works otherwise."""
     spec = "random" if weights is None else str(weights)
     _check_name(name)
-    if spec == "random":
+    if spec == "random" or (factory.is_import_path(name) and spec in factory.AS_BUILT):
         return
     if is_path(spec):
         if not Path(spec).is_file():
             raise ShapCAMError(f"weights file {spec} does not exist")
         return
+    if factory.is_import_path(name):
+        raise ShapCAMError(f"unknown weights {spec!r} for {name}; use 'factory' (as built) or "
+                           "a path to a state-dict or checkpoint file")
     if timm_models.is_timm(name):
         if spec not in timm_models.PRETRAINED_SPECS:
             raise ShapCAMError(f"unknown weights {spec!r} for {name}; use 'pretrained', "
@@ -161,36 +180,42 @@ def load_model(
     num_classes: int | None = None,
     device: str | torch.device = "cpu",
     categories: list[str] | None = None,
+    input_size: int | None = None,
 ) -> LoadedModel:
-    """Load a torchvision or timm classifier by name, in eval mode, on ``device``.
+    """Load a torchvision, timm or your own classifier, in eval mode, on ``device``.
 
     Args:
-        name: a torchvision classifier name (``vgg16``, ``resnet18``, ``mobilenet_v2``, ...)
-            or ``timm:NAME`` (:mod:`shapcam.zoo.timm_models`: its weight specs, families, input
-            normalisation).
+        name: a torchvision classifier name (``vgg16``, ``resnet18``, ``mobilenet_v2``, ...),
+            ``timm:NAME`` (:mod:`shapcam.zoo.timm_models`: its weight specs, families, input
+            normalisation) or the import path of your factory, ``package.module:function``
+            (:mod:`shapcam.zoo.factory`).
         weights: ``"random"``/``None``, a torchvision weight enum name (default
             ``IMAGENET1K_V1``, the one ``.ci/setup`` installs for MobileNetV2; ``"DEFAULT"`` is
             torchvision's newest, often ``IMAGENET1K_V2``, downloaded on first use), or a
-            state-dict path.
-        target_layer: dotted module name to explain; defaults to :data:`DEFAULT_TARGET_LAYERS`
-            or :func:`auto_target_layer`.
+            state-dict path. A factory's model is taken as built unless a path is given.
+        target_layer: dotted module name to explain; defaults to the factory's,
+            :data:`DEFAULT_TARGET_LAYERS` or :func:`auto_target_layer`.
         num_classes: classifier size for random weights or a custom state dict (default 1000).
         device: where the model lives; everything computed from it stays there.
         categories: class names; defaults to the weights' metadata or the ImageNet names.
+        input_size: square side of the input in pixels; defaults to what the model declares
+            (its factory, a weight enum's crop size such as Inception v3's 299), else 224.
     """
     _check_name(name)
     spec = "random" if weights is None else str(weights)
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    if timm_models.is_timm(name):
+    declared: int | None = None
+    if factory.is_import_path(name):
+        model, spec, declared, layer_hint, categories = _load_factory(name, spec, categories)
+        target_layer = target_layer or layer_hint
+    elif timm_models.is_timm(name):
         with random_weights():
             model, spec = timm_models.create(name, spec, num_classes)
     elif spec == "random":
         with random_weights():
             model = torchvision.models.get_model(name, weights=None, **kwargs)
     elif is_path(spec):
-        path = Path(spec)
-        if not path.is_file():
-            raise ShapCAMError(f"weights file {path} does not exist")
+        path = _weights_file(spec)
         meta = checkpoint_meta(path)
         if num_classes is None and meta.get("num_classes"):
             kwargs = {"num_classes": int(meta["num_classes"])}  # e.g. `shapcam finetune-voc`
@@ -206,15 +231,47 @@ def load_model(
         model = torchvision.models.get_model(name, weights=enum)
         spec = str(enum)
         categories = categories or list(enum.meta["categories"])
+        declared = getattr(enum.transforms(), "crop_size", [None])[0]
+    size = check_input_size(input_size or declared or INPUT_SIZE, f"model {name}")
     model.eval().to(device)
-    n_out = _num_outputs(model)
+    n_out = _num_outputs(model, size, forward=factory.is_import_path(name))
     if categories is None:
         categories = imagenet_categories() if n_out == 1000 else [str(i) for i in range(n_out)]
+    elif len(categories) != n_out:
+        raise ShapCAMError(f"model {name}: {len(categories)} class names for {n_out} outputs")
     layer = (target_layer or DEFAULT_TARGET_LAYERS.get(name) or timm_models.default_layer(model)
-             or auto_target_layer(model))
+             or auto_target_layer(model, size))
     get_module(model, layer)  # validates the name
     return LoadedModel(model=model, name=name, weights=spec, target_layer=layer,
-                       categories=list(categories))
+                       categories=list(categories), input_size=size)
+
+
+def _weights_file(spec: str) -> Path:
+    path = Path(spec)
+    if not path.is_file():
+        raise ShapCAMError(f"weights file {path} does not exist")
+    return path
+
+
+def _load_factory(name: str, spec: str, categories: list[str] | None
+                  ) -> tuple[nn.Module, str, int | None, str | None, list[str] | None]:
+    """``(model, weights spec, declared input size, declared layer, categories)`` of the
+    factory ``name``, with a state-dict or checkpoint file loaded on top when ``spec`` is one,
+    and its own normalisation put in front (:func:`adapt_normalisation`)."""
+    with random_weights():
+        built = factory.build(name)
+    model = built.model
+    if spec in factory.AS_BUILT:
+        spec = "factory"
+    elif is_path(spec):
+        path = _weights_file(spec)
+        categories = categories or checkpoint_meta(path).get("categories")
+        load_state_dict_file(model, name, path)
+    else:
+        raise ShapCAMError(f"unknown weights {spec!r} for {name}; use 'factory' (as built) or "
+                           "a path to a state-dict or checkpoint file")
+    adapt_normalisation(model, built.mean, built.std)
+    return model, spec, built.input_size, built.target_layer, categories or built.categories
 
 
 @contextlib.contextmanager
@@ -226,9 +283,24 @@ def random_weights():
         yield
 
 
-def _num_outputs(model: nn.Module) -> int:
-    last = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)][-1]
-    return last.out_features if isinstance(last, nn.Linear) else last.out_channels
+@torch.no_grad()
+def _num_outputs(model: nn.Module, input_size: int = INPUT_SIZE, forward: bool = False) -> int:
+    """Classes of ``model``: its last Linear/Conv2d, or (``forward``: a model of unknown make)
+    the width of its output for a zero image, which also shows it runs at ``input_size``."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    if last and not forward:
+        return last[-1].out_features if isinstance(last[-1], nn.Linear) else last[-1].out_channels
+    device = next(model.parameters()).device
+    try:
+        out = model(torch.zeros(1, 3, input_size, input_size, device=device))
+    except Exception as exc:  # noqa: BLE001 - the user's model does not take this input
+        raise ShapCAMError(f"{type(model).__name__} fails on a {input_size} x {input_size} "
+                           f"input ({type(exc).__name__}: {str(exc).splitlines()[0]}); declare "
+                           "its input_size in the factory or pass --input-size") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise ShapCAMError(f"{type(model).__name__} does not return logits (B, classes) for a "
+                           f"{input_size} x {input_size} input")
+    return int(out.shape[1])
 
 
 def get_module(model: nn.Module, layer: str) -> nn.Module:

@@ -150,7 +150,8 @@ class HookTrunk(nn.Module):
 
 
 def split_model(
-    model: nn.Module, layer: str, *, check_input: torch.Tensor | None = None
+    model: nn.Module, layer: str, *, check_input: torch.Tensor | None = None,
+    input_size: int = 224,
 ) -> tuple[nn.Module, nn.Module]:
     """Split ``model`` at ``layer`` into ``(trunk, head)`` with ``head(trunk(x)) == model(x)``.
 
@@ -159,6 +160,7 @@ def split_model(
         layer: dotted name of the module whose output is explained.
         check_input: optional batch on which ``head(trunk(x))`` is compared with ``model(x)``
             (always done for the fallback, with a small zero input when none is given).
+        input_size: side of that zero input (the model's input frame).
     """
     get_module(model, layer)  # clear error for an unknown name
     try:
@@ -176,7 +178,7 @@ def split_model(
         x = check_input
         if x is None:
             device = next(model.parameters()).device
-            x = torch.zeros(1, 3, 224, 224, device=device)
+            x = torch.zeros(1, 3, input_size, input_size, device=device)
         if fallback:
             head = SubstitutionHead(model, layer, tuple(x.shape))
         with torch.no_grad():

@@ -22,11 +22,10 @@ import difflib
 import os
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..errors import ShapCAMError
-from .preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from .preprocessing import adapt_normalisation
 from .state_dicts import is_path, load_state_dict_file
 from .tokens import check_token_model, is_token_model, is_transformer
 from .tokens import default_layer as token_default_layer
@@ -151,30 +150,3 @@ def default_layer(model: nn.Module) -> str | None:
     if is_transformer(model):
         return token_default_layer(model)
     return FAMILY_LAYERS.get(type(model).__name__)
-
-
-def adapt_normalisation(model: nn.Module, mean, std) -> None:
-    """Make ``model`` take ImageNet-normalised input when it was trained with another
-    ``mean``/``std``: ``x_own = x * std_in / std + (mean_in - mean) / std`` before its forward.
-
-    Done by giving the instance a subclass of its own class whose ``forward`` applies the
-    affine first (buffers, not parameters, not in the state dict): module names, ``fx`` tracing
-    and the trunk/head split are those of the model itself.
-    """
-    if mean is None or std is None:
-        return
-    mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
-    mean_in, std_in = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-    if mean_t.numel() != 3 or (torch.allclose(mean_t, mean_in) and torch.allclose(std_t, std_in)):
-        return
-    model.register_buffer("input_scale", (std_in / std_t).view(1, 3, 1, 1), persistent=False)
-    model.register_buffer("input_shift", ((mean_in - mean_t) / std_t).view(1, 3, 1, 1),
-                          persistent=False)
-    base = type(model)
-
-    def forward(self, x):  # one argument: fx cannot trace *args
-        return base.forward(self, x * self.input_scale + self.input_shift)
-
-    model.__class__ = type(base.__name__, (base,), {"forward": forward,
-                                                    "__module__": base.__module__,
-                                                    "__qualname__": base.__qualname__})
