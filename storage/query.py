@@ -156,7 +156,7 @@ class Run:
             raise StorageError(f"image {image_id!r} is not in {dataset} of {self.root}")
         path = row["path"].iloc[0]
         try:
-            with Image.open(path) as im:
+            with Image.open(_photo_source(path)) as im:
                 if im.width * im.height > PHOTO_MAX_PIXELS:
                     raise StorageError(f"the photo of {image_id} ({path}) has {im.width} x "
                                        f"{im.height} pixels, over the budget of "
@@ -167,7 +167,7 @@ class Run:
                 if im.size != target:
                     im = im.resize(target, Image.BILINEAR)
                 return np.asarray(im)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise StorageError(f"cannot read the photo of {image_id}: {path}: {exc}") from exc
 
     # -- tables ----------------------------------------------------------------------------
@@ -366,3 +366,25 @@ def run_folders(root: str | os.PathLike[str] | Location) -> list[str]:
 def open_run(root: str | os.PathLike[str]) -> Run:
     """Open a run folder for reading (see the module docstring for examples)."""
     return Run(root)
+
+
+#: Bytes read for a photo behind a URL, at most.
+PHOTO_MAX_BYTES = 256 * 2**20
+
+
+def _photo_source(path: str) -> Any:
+    """A local path as is; an fsspec URL (images in a bucket) read into memory, bounded."""
+    if "://" not in str(path):
+        return path
+    import io
+
+    import fsspec
+
+    try:
+        with fsspec.open(path, "rb") as fh:
+            data = fh.read(PHOTO_MAX_BYTES + 1)
+    except Exception as exc:  # noqa: BLE001 - missing, no credentials, no backend, network
+        raise OSError(f"{type(exc).__name__}: {exc}") from None
+    if len(data) > PHOTO_MAX_BYTES:
+        raise OSError(f"over {PHOTO_MAX_BYTES >> 20} MB")
+    return io.BytesIO(data)

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from shapcam.data import DATASETS
@@ -111,6 +112,13 @@ def _typed(raw: str) -> Any:
     return raw
 
 
+def _location(value: Any) -> str | None:
+    """A path option as stored: absolute for a local path, as given for a URL."""
+    if value is None:
+        return None
+    return str(value) if "://" in str(value) else str(Path(value).resolve())
+
+
 def _known(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
     """``data`` with renamed keys updated; an unknown key is an error naming it."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -174,8 +182,10 @@ class RunConfig:
     """
 
     dataset: str = "sample"
-    root: str | None = None
+    root: str | None = None  # a folder, a manifest file, or an fsspec URL of either
     split: str = "test"
+    boxes: str | None = None  # a COCO instances file annotating the images
+    class_map: str | None = None  # JSON {name: class index or name} for folder/manifest labels
     n_images: int | None = None
     seed: int = 0
     shard_size: int | None = None  # None: from the number of images (tasks.plan.auto_shard_size)
@@ -208,7 +218,8 @@ class RunConfig:
     #: The options that decide the maps (and the pointing game's class, which decides stored
     #: per-image metrics): a resumed run must match them.
     MAP_KEYS = ("dataset", "split", "n_images", "seed", "shard_size", "models", "methods",
-                "method_options", "pg_class", "precision", "metrics", "target")
+                "method_options", "pg_class", "precision", "metrics", "target", "boxes",
+                "class_map")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(
@@ -265,7 +276,8 @@ class RunConfig:
     def build(cls, *, methods: str | tuple[str, ...] = ALL_METHODS,
               models: str | tuple[ModelSpec, ...] = (ModelSpec(),), preset: str = "paper",
               settings: list[str] | None = None, root: Any = None,
-              input_size: int | None = None, **fields: Any) -> RunConfig:
+              input_size: int | None = None, boxes: Any = None, class_map: Any = None,
+              **fields: Any) -> RunConfig:
         """From command-line style values: comma-separated ``methods`` and ``models``
         (``NAME[:WEIGHTS]``), a ``preset`` name, ``--set METHOD.KEY=VALUE`` items and
         ``--input-size`` (every model's)."""
@@ -277,7 +289,8 @@ class RunConfig:
             method_class(m)
         options, step = resolve_preset(preset, list(names), parse_settings(settings, names))
         return cls(methods=names, models=specs, preset=preset, method_options=options,
-                   causal_step=step, root=str(root) if root is not None else None, **fields)
+                   causal_step=step, root=_location(root), boxes=_location(boxes),
+                   class_map=_location(class_map), **fields)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: Prefect parameters and the store's ``config`` attribute."""

@@ -15,6 +15,8 @@ import pandas as pd
 import torch
 
 from shapcam.data import ImageRecord, draw_records, open_dataset
+from shapcam.data.datasets import OWN_DATASETS
+from shapcam.data.images import location
 from shapcam.errors import ShapCAMError
 from shapcam.methods import METHOD_TITLES
 from storage import Run, SaliencyStore, StorageError, TableSpec, write_image_index
@@ -44,7 +46,7 @@ def image_index_row(r: ImageRecord) -> dict[str, Any]:
 
 
 def record_from_dict(d: dict[str, Any]) -> ImageRecord:
-    return ImageRecord(d["image_id"], Path(d["path"]), d["label"],
+    return ImageRecord(d["image_id"], location(d["path"]), d["label"],
                        {int(c): np.asarray(b, dtype=np.float32).reshape(-1, 4)
                         for c, b in d["boxes"].items()},
                        tuple(d["size"]) if d["size"] else None, tuple(d["labels"]),
@@ -96,7 +98,7 @@ def records_from_index(index: pd.DataFrame) -> list[ImageRecord]:
                                                         b["ymax"]])
         size = None if pd.isna(r["width"]) or pd.isna(r["height"]) else (int(r["width"]),
                                                                           int(r["height"]))
-        out.append(ImageRecord(r["image_id"], Path(r["path"]), int(r["label"]),
+        out.append(ImageRecord(r["image_id"], location(r["path"]), int(r["label"]),
                                {c: np.asarray(b, dtype=np.float32).reshape(-1, 4)
                                 for c, b in boxes.items()}, size,
                                tuple(int(c) for c in _list(r["labels"])),
@@ -149,6 +151,17 @@ def _check_same_images(store: SaliencyStore, config: RunConfig,
                 "it was, or start a new --run-id")
 
 
+def read_dataset(config: RunConfig) -> list[ImageRecord]:
+    """The images of ``config``'s dataset, drawn (``n_images``, ``seed``). Labels given by
+    name (your folder or manifest, COCO categories) map to the first model's classes."""
+    categories = None
+    if config.dataset in OWN_DATASETS or config.boxes:
+        categories = cached_model(config.models[0], "cpu").categories
+    return draw_records(open_dataset(config.dataset, config.root, config.split,
+                                     categories=categories, boxes=config.boxes,
+                                     class_map=config.class_map), config.n_images, config.seed)
+
+
 def plan_run(run_dir: str, run_id: str, config: RunConfig) -> dict[str, Any]:
     """Draw the images, create the store and one table per model; return the shard plan.
 
@@ -157,8 +170,7 @@ def plan_run(run_dir: str, run_id: str, config: RunConfig) -> dict[str, Any]:
     dataset's folders changed: then it reads them anew and they must be the same images).
     """
     stored = _stored_records(run_dir, config)
-    records = stored if stored is not None else draw_records(
-        open_dataset(config.dataset, config.root, config.split), config.n_images, config.seed)
+    records = stored if stored is not None else read_dataset(config)
     if not records:
         raise ShapCAMError(f"dataset {config.dataset} has no images")
     store = SaliencyStore.create(run_dir, run_id, {

@@ -146,9 +146,16 @@ def explain(
 
 @app.command()
 def evaluate(
-    dataset: Annotated[str, typer.Option(help="sample, imagenet or voc.")] = "sample",
-    root: Annotated[Path | None, typer.Option(
-        help="Dataset folder (sample: where to assemble it; default ~/.cache/shapcam).")] = None,
+    dataset: Annotated[str, typer.Option(
+        help="sample, imagenet, voc, folder or manifest (docs/datasets.md).")] = "sample",
+    root: Annotated[str | None, typer.Option(
+        help="Dataset folder, manifest, or their fsspec URL (sample: where to assemble it; "
+             "default ~/.cache/shapcam).")] = None,
+    boxes: Annotated[Path | None, typer.Option(help="COCO instances JSON of boxes.")] = None,
+    class_map: Annotated[Path | None, typer.Option(
+        help="JSON {label name: class index or name}.")] = None,
+    input_size: Annotated[int | None, typer.Option(
+        help="Input side in pixels (default: what the model declares, else 224).")] = None,
     split: Annotated[str, typer.Option(help="VOC split file (test, val, trainval).")] = "test",
     model: Model = DEFAULT_MODEL, weights: Weights = DEFAULT_WEIGHTS, layer: Layer = None,
     methods: Annotated[str, typer.Option(help="Comma-separated methods.")
@@ -170,19 +177,21 @@ def evaluate(
     from tqdm import tqdm
 
     from dashboards.render import markdown
-    from shapcam.data import draw_records, open_dataset
     from shapcam.evaluation.evaluate import evaluate_records, rows_as_dicts, summary_table
     from shapcam.zoo.models import load_model
+    from tasks.plan import read_dataset
     from tasks.reports import paper_table
 
     with user_errors():
         config = RunConfig.build(dataset=dataset, root=root, split=split, methods=methods,
-                                 models=(ModelSpec(model, weights, layer),), n_images=n_images,
+                                 models=(ModelSpec(model, weights, layer, input_size),),
+                                 boxes=boxes, class_map=class_map, n_images=n_images,
                                  seed=seed, protocol=protocol, causal=causal, preset=preset,
                                  pg_class=pg_class, settings=settings, precision=precision,
                                  metrics=metrics)
-        records = draw_records(open_dataset(dataset, config.root, split), n_images, seed)
-        lm = load_model(model, weights, target_layer=layer, device=device or default_device())
+        records = read_dataset(config)
+        lm = load_model(model, weights, target_layer=layer, device=device or default_device(),
+                        input_size=input_size)
         with tqdm(total=len(records), desc="evaluate", unit="img") as bar:
             rows = evaluate_records(lm, records, config.methods, protocol=protocol,
                                     target=target, method_options=config.method_options,

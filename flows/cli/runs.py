@@ -44,9 +44,19 @@ from .common import (
 _D = RunConfig()
 #: (name, type with its Typer option, default) of every option `run` and `serve` share.
 RUN_OPTIONS: list[tuple[str, Any, Any]] = [
-    ("dataset", Annotated[str, typer.Option(help="sample, imagenet or voc.")], _D.dataset),
-    ("root", Annotated[Path | None, typer.Option(
-        help="Dataset folder (sample: where to assemble it; default ~/.cache/shapcam).")], None),
+    ("dataset", Annotated[str, typer.Option(
+        help="sample, imagenet, voc, folder (your image folder: class subfolders or flat) or "
+             "manifest (a CSV/Parquet table of image paths or URLs).")], _D.dataset),
+    ("root", Annotated[str | None, typer.Option(
+        help="Dataset folder, manifest file, or their s3:// (any fsspec) URL (sample: where "
+             "to assemble it; default ~/.cache/shapcam).")], None),
+    ("boxes", Annotated[Path | None, typer.Option(
+        help="COCO-format instances JSON whose boxes (and image sizes) annotate the images: "
+             "the pointing game and localisation metrics.")], None),
+    ("class_map", Annotated[Path | None, typer.Option(
+        help="JSON {folder or label name: class index or class name} mapping your labels to "
+             "the model's classes (default: by the model's class names, then as indices).")],
+     None),
     ("split", Annotated[str, typer.Option(help="VOC split file (test, val, trainval).")],
      _D.split),
     ("models", Annotated[str, typer.Option(
@@ -125,14 +135,12 @@ def run_config(options: dict[str, Any]) -> RunConfig:
     GPU cluster every worker sees its one GPU as ``cuda``: ``--device cuda:N`` becomes
     ``--gpus N`` there."""
     fields = {k: v for k, v in options.items()
-              if k not in (*_EXECUTION, "root", "task_resources")}
-    root = options["root"]
+              if k not in (*_EXECUTION, "task_resources")}
     device = fields["device"]
     if options["dask_address"] is None and device.startswith("cuda:"):
         options["gpus"] = options["gpus"] or device.partition(":")[2]
         fields["device"] = "cuda"
-    return RunConfig.build(root=str(Path(root).resolve()) if root else None,
-                           resources=parse_resources(options["task_resources"]), **fields)
+    return RunConfig.build(resources=parse_resources(options["task_resources"]), **fields)
 
 
 def runner_for(config: RunConfig, options: dict[str, Any]) -> Any:
@@ -201,17 +209,16 @@ def _dry_run(config: RunConfig, options: dict[str, Any]) -> None:
     import torch
 
     from dashboards.render import Table, markdown
-    from shapcam.data import draw_records, open_dataset
     from shapcam.errors import ShapCAMError
     from shapcam.evaluation.targets import annotated
     from shapcam.runtime.cost import calibrate, calibration_batch, calibration_size
     from shapcam.zoo.models import load_model
+    from tasks.plan import read_dataset
 
     spec_t = config.target_spec
     classes = float(spec_t.k) if spec_t.kind == "topk" else 1.0  # maps per image
     try:
-        records = draw_records(open_dataset(config.dataset, config.root, config.split),
-                               config.n_images, config.seed)
+        records = read_dataset(config)
         n = len(records)
         where = f"{config.dataset} ({n} images)"
         if spec_t.kind == "present" and records:

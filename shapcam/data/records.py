@@ -26,7 +26,7 @@ class ImageRecord:
     """
 
     image_id: str
-    path: Path
+    path: Path | str  # a str for an fsspec URL (shapcam.data.images.location)
     label: int
     boxes: dict[int, np.ndarray] = field(default_factory=dict)
     size: tuple[int, int] | None = None  # (width, height) from the annotation
@@ -67,6 +67,8 @@ def load_example(record: ImageRecord, size: int = INPUT_SIZE
     if record.error:
         raise ShapCAMError(record.error)
     image = load_image(record.path)
+    if record.size is None and record.boxes:  # boxes without an annotated size (manifests)
+        record.size = image.size
     check_boxes(record, image.size)
     boxes = {c: torch.from_numpy(scale_boxes(b, image.size, size)) for c, b in
              record.boxes.items()}

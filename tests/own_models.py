@@ -1,0 +1,70 @@
+"""A user's own models, as a project of theirs would define them: loaded by import path
+(``own_models:three_shapes``) in tests/test_own_data.py, by the command and its Dask workers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SHAPES = ["circle", "square", "triangle"]
+#: The three-class model's own normalisation (not ImageNet's).
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+class TinyNet(nn.Module):
+    """Two conv stages, global average pooling and a linear classifier."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                      nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def three_shapes() -> dict:
+    """A 3-class CNN at 64 x 64 with its own mean/std and class names."""
+    return {"model": TinyNet(3), "target_layer": "features", "categories": SHAPES,
+            "input_size": 64, "mean": MEAN, "std": STD}
+
+
+def cifar_wrn() -> dict:
+    """A CIFAR network at 32 x 32: the distillation student WRN-16-1 (10 classes)."""
+    from shapcam.training.wrn import wrn
+
+    return {"model": wrn("wrn-16-1"), "input_size": 32,
+            "mean": (0.4914, 0.4822, 0.4465), "std": (0.247, 0.243, 0.261)}
+
+
+def inception_299() -> dict:
+    """torchvision's Inception v3 with random weights at its 299 x 299 input."""
+    import torchvision
+
+    return {"model": torchvision.models.inception_v3(weights=None, aux_logits=False,
+                                                     init_weights=False, num_classes=5),
+            "input_size": 299}
+
+
+class Gated(TinyNet):
+    """A head with a data-dependent branch after the target layer: torch.fx cannot trace it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x)
+        if float(f.mean()) > 1e6:  # never true; a Python branch on a value
+            f = f * 0
+        return self.fc(f.mean((2, 3)))
+
+
+def untraceable() -> dict:
+    return {"model": Gated(3), "target_layer": "features", "input_size": 48}
+
+
+def plain_module() -> nn.Module:
+    """A bare nn.Module: every metadata key defaults (224, ImageNet statistics, found layer)."""
+    return TinyNet(4)
+
+
+def not_a_model() -> str:
+    return "a string"
