@@ -84,7 +84,7 @@ def test_a_factory_declares_its_layer_classes_frame_and_normalisation():
         64, "features", SHAPES, "factory")
     # its own mean/std in front of its forward: ImageNet-normalised input becomes its own
     x01 = torch.rand(2, 3, 64, 64)
-    bare = own_models.three_shapes()["model"].eval()  # same seed: same weights
+    bare = own_models.TinyNet(3).eval()
     bare.load_state_dict(lm.model.state_dict())
     from shapcam.zoo.preprocessing import normalize
 
@@ -93,7 +93,8 @@ def test_a_factory_declares_its_layer_classes_frame_and_normalisation():
     with torch.no_grad():
         assert torch.allclose(lm.model(normalize(x01)), bare(own), atol=1e-5)
     # every worker builds the same model (the factory runs under the fixed seed)
-    again = load_model(OWN, "factory")
+    again = load_model("own_models:untraceable", "factory")
+    lm = load_model("own_models:untraceable", "factory")
     assert all(torch.equal(a, b) for a, b in zip(lm.model.state_dict().values(),
                                                  again.model.state_dict().values(), strict=True))
     plain = load_model("own_models:plain_module")
@@ -260,3 +261,132 @@ def test_input_frames_scale_the_deletion_steps():
     assert [math.ceil(s * s / step_in_frame(224, s)) for s in (224, 32, 299)] == [224, 205, 225]
     with pytest.raises(ShapCAMError, match="input size 8 is not a square side"):
         ModelSpec("own_models:three_shapes", input_size=8)
+
+
+# -- end to end: `shapcam run` on local Dask workers ----------------------------------------
+
+def user_project(tmp_path: Path) -> Path:
+    """A user's project folder holding their model module (not on any path of this test)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "own_models.py").write_text((HERE / "own_models.py").read_text())
+    return project
+
+
+def shapcam_cli(project: Path, *args: str, timeout: float = 540):
+    """The installed ``shapcam`` command run from ``project`` (its working directory is how
+    the model module is found, also by the spawned Dask workers)."""
+    import os
+    import subprocess
+
+    script = Path(sys.executable).parent / "shapcam"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-c",
+                                                 "from flows.cli import app; app()"]
+    env = {**os.environ, "PREFECT_HOME": str(project / "prefect"),
+           "PYTHONPATH": str(HERE.parent)}
+    env.pop("PREFECT_API_URL", None)
+    return subprocess.run([*cmd, *args], cwd=project, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_a_factory_that_cannot_be_imported_stops_the_command_before_anything_starts(tmp_path):
+    import time
+
+    t = time.perf_counter()
+    res = shapcam_cli(tmp_path, "run", "--models", "no_such_pkg.models:build", "--store",
+                      str(tmp_path / "runs"), timeout=120)
+    lines = [line for line in res.stderr.splitlines() + res.stdout.splitlines() if line]
+    assert res.returncode == 2 and len(lines) == 1, lines
+    assert "no_such_pkg" in lines[0] and "PYTHONPATH" in lines[0]
+    # no run folder, no Prefect database (no server started)
+    assert not (tmp_path / "runs").exists() and not list((tmp_path / "prefect").glob("*"))
+    assert "Traceback" not in res.stderr and time.perf_counter() - t < 120
+
+
+def hand_metrics(path: Path, saliency: np.ndarray, target: int, box: np.ndarray
+                 ) -> tuple[float, float]:
+    """``(avg_drop, proportion)`` of one image computed by hand: the bare model fed its own
+    normalisation, the top half of the map kept, the box scaled into the 64 x 64 frame."""
+    from torchvision.transforms.v2 import functional as TF
+
+    img = Image.open(path).convert("RGB")
+    x01 = TF.to_dtype(TF.resize(TF.to_image(img), [64, 64], antialias=True), torch.float32,
+                      scale=True).as_subclass(torch.Tensor).unsqueeze(0)
+    lm = load_model(OWN)
+    bare = own_models.TinyNet(3).eval()
+    bare.load_state_dict(lm.model.state_dict())
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (own_models.MEAN, own_models.STD))
+    flat = saliency.reshape(-1)
+    keep = np.zeros_like(flat)
+    top = np.argsort(-flat, kind="stable")[: math.ceil(flat.size / 2)]
+    keep[top] = flat[top]
+    masked = x01 * torch.from_numpy(keep.reshape(64, 64)).float()
+    with torch.no_grad():
+        y, o = (bare((v - mean) / std).softmax(1)[0, target].item() for v in (x01, masked))
+    w, h = img.size
+    x0, y0, x1, y1 = box * np.array([64 / w, 64 / h, 64 / w, 64 / h])
+    c = np.arange(64) + 0.5
+    inside = ((c[:, None] >= y0) & (c[:, None] <= y1)) & ((c[None, :] >= x0) & (c[None, :] <= x1))
+    return 100 * max(0.0, y - o) / y, float((saliency * inside).sum() / saliency.sum())
+
+
+@pytest.mark.slow
+def test_own_model_on_own_folder_end_to_end(shapes, tmp_path):
+    root, coco = shapes
+    project = user_project(tmp_path)
+    args = ("run", "--dataset", "folder", "--root", str(root), "--boxes", str(coco),
+            "--models", OWN, "--target", "label", "--preset", "quick", "--set",
+            "shapcam.permutations=16", "--set", "mask.iterations=20", "--set",
+            "rise.n_masks=100", "--shard-size", "3", "--workers", "2", "--store", "runs",
+            "--run-id", "own")
+    res = shapcam_cli(project, *args)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run = open_run(project / "runs" / "own")
+    m = run.metrics()
+    assert len(m) == 36 and m["error"].isna().all() and set(m["method"]) == {
+        "mask", "rise", "gradcam", "gradcampp", "scorecam", "shapcam"}
+    assert (m["pointing"] == "scored").all() and m["deletion"].notna().all()
+    assert (m["target"] == m["label"]).all() and set(m["label"]) == {0, 1, 2}
+    # one image by hand: Average Drop and the energy pointing game in the model's frame
+    assert (m[m["method"] == "gradcam"]["y"] > 0.7).all()  # it tells the shapes apart
+    for method in ("gradcam", "rise", "shapcam"):
+        row = m[(m["method"] == method) & (m["image_id"] == "square/1")].iloc[0]
+        saliency = run.maps("folder", OWN, method, ids=["square/1"]).values[0]
+        drop, proportion = hand_metrics(root / "square/1.png", saliency.astype(np.float32),
+                                        1, np.array([22, 11, 46, 33], dtype=np.float64))
+        assert row["avg_drop"] == pytest.approx(drop, rel=1e-4, abs=1e-4), method
+        assert row["proportion"] == pytest.approx(proportion, rel=1e-4), method
+        if method != "rise":  # 100 masks: too noisy for this
+            assert proportion > 0.5, method  # most of the map's energy on the shape
+
+    got = run.sql("select count(*) as n from metrics where model = 'own_models:three_shapes'")
+    assert int(got["n"].iloc[0]) == 36
+    again = shapcam_cli(project, *args)  # resume of a finished run: nothing to do
+    assert again.returncode == 0 and "tasks: none to run" in again.stdout
+
+
+@pytest.mark.slow
+def test_a_32_and_a_299_pixel_model_end_to_end(tmp_path):
+    project = user_project(tmp_path)
+    flat = tmp_path / "photos"
+    flat.mkdir()
+    for i, kind in enumerate(SHAPES[:2]):
+        draw_shape(kind, (120, 90), (30, 20, 80, 70), i).save(flat / f"{kind}.jpg")
+    res = shapcam_cli(project, "run", "--dataset", "folder", "--root", str(flat), "--models",
+                      "own_models:cifar_wrn,own_models:inception_299", "--preset", "quick",
+                      "--set", "shapcam.permutations=8", "--set", "mask.iterations=5",
+                      "--set", "rise.n_masks=40", "--set", "scorecam.max_channels=16",
+                      "--set", "rise.batch_size=20", "--n-images", "1", "--workers", "2",
+                      "--store", "runs", "--run-id", "sizes")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run = open_run(project / "runs" / "sizes")
+    m = run.metrics()
+    assert len(m) == 2 * 6 and m["error"].isna().all() and (m["label"] == -1).all()
+    assert m["deletion"].notna().all() and (m["pointing"] == "unannotated").all()
+    for model, side in (("own_models:cifar_wrn", 32), ("own_models:inception_299", 299)):
+        spec, group = run.store.table("folder", model)
+        assert spec.map_shape == (side, side) and group.attrs["input_size"] == side
+        maps = run.maps("folder", model, "shapcam")
+        assert maps.shape == (1, side, side) and np.isfinite(maps.values).all()
+    assert (project / "runs" / "sizes" / "report.md").exists() or list(
+        (project / "runs" / "sizes").glob("report*"))
