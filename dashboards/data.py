@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from storage import SCHEMA_VERSION, IncompleteShardError, Run, SchemaVersionError, StorageError
+from storage.location import Location
 
 #: Per-image metric columns of the metrics table, with what the filters call them.
 METRICS = {"avg_drop": "Average Drop % (lower is better)", "increase": "Increase (1 = yes)",
@@ -66,28 +67,41 @@ class RunInfo:
     problem: str | None = None
 
 
+def _created(path: str) -> pd.Timestamp | None:
+    try:
+        when = Location(path).mtime("maps.zarr", "zarr.json")
+    except (OSError, ValueError):
+        return None
+    if isinstance(when, int | float):
+        return pd.Timestamp(when, unit="s", tz="UTC")
+    return pd.Timestamp(when) if when is not None else None
+
+
 def list_runs(runs_dir: str | os.PathLike[str]) -> list[RunInfo]:
-    """Every run folder under ``runs_dir`` (newest first), readable or not."""
-    root = Path(runs_dir)
-    if not root.is_dir():
-        raise StorageError(f"runs folder {root} does not exist; pass the --store folder of "
+    """Every run folder under ``runs_dir`` (a folder or an fsspec URL such as
+    ``s3://bucket/runs``; newest first), readable or not."""
+    root = Location(runs_dir)
+    if not root.isdir():
+        raise StorageError(f"runs folder {runs_dir} does not exist; pass the --store folder of "
                            "`shapcam run` (default: ./runs)")
-    runs = [_run_info(p) for p in sorted(root.iterdir()) if (p / "maps.zarr").is_dir()]
+    runs = [_run_info(root.url_of(name)) for name in root.listdir()
+            if root.isdir(name, "maps.zarr")]
     return sorted(runs, key=lambda r: (r.created is not None, r.created or pd.Timestamp(0),
                                        r.run_id), reverse=True)
 
 
-def _run_info(path: Path) -> RunInfo:
+def _run_info(path: str) -> RunInfo:
+    name = path.rstrip("/").rsplit("/", 1)[-1]
     try:
         run = Run(path)
         attrs = run.store.attrs
     except SchemaVersionError as exc:
-        return RunInfo(path.name, str(path), status="unreadable",
+        return RunInfo(name, path, status="unreadable",
                        problem=f"{exc} (this dashboard reads schema version {SCHEMA_VERSION})")
     except StorageError as exc:
-        return RunInfo(path.name, str(path), status="unreadable", problem=str(exc))
+        return RunInfo(name, path, status="unreadable", problem=str(exc))
     config = attrs.get("config", {})
-    info = {"run_id": attrs.get("run_id", path.name), "path": str(path),
+    info = {"run_id": attrs.get("run_id", name), "path": path,
             "dataset": config.get("dataset", ""),
             "models": ", ".join(m["name"] for m in config.get("models", [])),
             "methods": ", ".join(config.get("methods", [])), "preset": config.get("preset", "")}
@@ -99,7 +113,7 @@ def _run_info(path: Path) -> RunInfo:
             done, total = done + sum(status.values()), total + len(status)
         images = sum(run.store.table(d, m)[0].n_images for d, m in run.tables()[:1])
         return RunInfo(**info, images=images, status="in progress",
-                       created=pd.Timestamp(path.stat().st_mtime, unit="s", tz="UTC"),
+                       created=_created(path),
                        problem=f"still running or stopped: {done} of {total} shards done, no "
                                "manifest yet")
     status = "completed" if (manifest["status"] == "completed").all() else "incomplete"

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import fsspec
+from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 
@@ -36,11 +37,19 @@ class Location:
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         return f"{protocol}://{p.lstrip('/')}" if protocol != "memory" else f"memory://{p}"
 
+    def fresh(self) -> AbstractFileSystem:
+        """The filesystem with no remembered listing: a run changes while it is read (shards
+        land, the consolidated table is replaced), and s3fs/gcsfs keep every listing they made
+        for the life of the process (a dashboard would never see a new shard)."""
+        if not self.local:
+            self.fs.invalidate_cache()
+        return self.fs
+
     def exists(self, *parts: str) -> bool:
-        return self.fs.exists(self.path(*parts))
+        return self.fresh().exists(self.path(*parts))
 
     def isdir(self, *parts: str) -> bool:
-        return self.fs.isdir(self.path(*parts))
+        return self.fresh().isdir(self.path(*parts))
 
     def makedirs(self, *parts: str) -> None:
         self.fs.makedirs(self.path(*parts), exist_ok=True)
@@ -48,7 +57,7 @@ class Location:
     def listdir(self, *parts: str) -> list[str]:
         """Names of the folders directly below ``parts``."""
         return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1]
-                      for e in self.fs.ls(self.path(*parts), detail=True)
+                      for e in self.fresh().ls(self.path(*parts), detail=True)
                       if e.get("type") == "directory")
 
     def pattern(self, *parts: str) -> str:
@@ -60,17 +69,18 @@ class Location:
         return "/".join([root, *[p.strip("/") for p in parts if p]])
 
     def glob(self, *parts: str) -> list[str]:
-        return sorted(self.fs.glob(self.pattern(*parts)))
+        return sorted(self.fresh().glob(self.pattern(*parts)))
 
     def read_text(self, *parts: str) -> str:
         return self.fs.cat_file(self.path(*parts)).decode()
 
     def mtime(self, *parts: str) -> float | None:
-        info = self.fs.info(self.path(*parts))
+        info = self.fresh().info(self.path(*parts))
         return info.get("mtime") or info.get("LastModified") or info.get("created")
 
     def write_bytes(self, data: bytes, *parts: str) -> str:
-        """Write ``data`` atomically: temp file + rename locally, one object put elsewhere."""
+        """Write ``data`` atomically: temp file + rename locally, one object put elsewhere;
+        returns where (a local path or a URL)."""
         target = self.path(*parts)
         parent = target.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
@@ -86,4 +96,4 @@ class Location:
                 raise
         else:
             self.fs.pipe_file(target, data)
-        return target
+        return self.url_of(*parts)  # s3://bucket/... rather than bucket/...

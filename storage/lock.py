@@ -69,7 +69,7 @@ def _create(loc: Location, data: bytes) -> bool:
     except FileExistsError:
         return False
     except (ValueError, NotImplementedError):  # mode "x" unsupported: best effort
-        if loc.fs.exists(path):
+        if loc.fresh().exists(path):
             return False
         loc.fs.pipe_file(path, data)
         return True

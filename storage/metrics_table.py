@@ -52,7 +52,7 @@ def shard_files(loc: Location, sizes: bool = True) -> dict[str, dict[str, int]]:
                  for name in names}
     else:
         found = {p: int(info.get("size") or 0) for p, info in
-                 loc.fs.find(loc.path("metrics"), detail=True).items()
+                 loc.fresh().find(loc.path("metrics"), detail=True).items()
                  if info.get("type", "file") == "file"}
     out: dict[str, dict[str, int]] = {}
     for path, size in found.items():

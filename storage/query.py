@@ -267,7 +267,7 @@ class Run:
         parts = [f"{len(files)}:{protocol}" for protocol, files in
                  sorted(shard_files(self.location, sizes=False).items())]
         for path in self.location.glob("*.parquet"):
-            info = self.location.fs.info(path)
+            info = self.location.fresh().info(path)
             stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag")
             parts.append(f"{path}:{info.get('size')}:{stamp}")
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

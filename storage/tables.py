@@ -185,7 +185,7 @@ def invalidate(loc: Location, protocol: str | None = None) -> None:
     for name in names:
         for parts in ((name,), checksum_parts(name)):
             path = loc.path(*parts)
-            if loc.fs.exists(path):
+            if loc.fresh().exists(path):
                 with contextlib.suppress(FileNotFoundError):  # another writer was first
                     loc.fs.rm(path)
 

@@ -261,7 +261,7 @@ def mark_for_repair(root: str | os.PathLike[str], report: Report) -> list[tuple[
     for (dataset, model), shards in report.shards().items():
         for k in shards:
             marker = loc.path(*store._marker(dataset, model, k))
-            if loc.fs.exists(marker):
+            if loc.fresh().exists(marker):
                 loc.fs.rm(marker)
             for path in loc.glob("metrics", glob_literal(f"dataset={dataset}"),
                                  glob_literal(f"model={model}"), "*",
@@ -271,6 +271,6 @@ def mark_for_repair(root: str | os.PathLike[str], report: Report) -> list[tuple[
     if marked:  # the consolidated tables no longer match their sources: rebuilt on resume
         invalidate(loc)
     for p in report.problems:  # summaries, manifest, index: rewritten by every run
-        if p.shard is None and loc.fs.exists(p.path) and not loc.fs.isdir(p.path):
+        if p.shard is None and loc.fresh().exists(p.path) and not loc.fs.isdir(p.path):
             loc.fs.rm(p.path)
     return marked

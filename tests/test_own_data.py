@@ -390,3 +390,18 @@ def test_a_32_and_a_299_pixel_model_end_to_end(tmp_path):
         assert maps.shape == (1, side, side) and np.isfinite(maps.values).all()
     assert (project / "runs" / "sizes" / "report.md").exists() or list(
         (project / "runs" / "sizes").glob("report*"))
+
+
+def test_the_readme_example_folder_reads_with_its_boxes():
+    examples = HERE.parent / "docs" / "examples"
+    records = open_dataset("folder", examples / "shapes", categories=SHAPES,
+                           boxes=examples / "shapes-instances.json")
+    assert [r.label for r in records] == [0, 0, 1, 1, 2, 2]
+    assert all(r.error is None and r.size == (80, 60) and len(r.boxes[r.label]) == 1
+               for r in records)
+    lm = load_model(OWN)
+    from shapcam.data import load_example
+
+    x = torch.stack([load_example(r, lm.input_size)[0] for r in records])
+    with torch.no_grad():  # the example model tells the example shapes apart
+        assert lm.model(x).argmax(1).tolist() == [0, 0, 1, 1, 2, 2]

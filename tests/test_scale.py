@@ -235,7 +235,8 @@ def test_a_resume_reads_its_image_index_not_the_dataset(tmp_path, monkeypatch):
     photo = Path(first["shards"][0][0]["path"])
     (photo.parent / "notes.txt").write_text("not an image")
     calls: list = []
-    monkeypatch.setattr(tasks.plan, "open_dataset", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(tasks.plan, "open_dataset",
+                        lambda *a, **k: calls.append(a) or real(*a, **k))
     assert plan_run(run_dir, "r", config)["shards"] == first["shards"] and len(calls) == 1
     # ... a draw of other images (an image added changes the sample of 5) is explained,
     # never mixed into the run

@@ -17,15 +17,19 @@ from .common import fail
 
 @app.command()
 def dashboard(
-    runs: Annotated[Path, typer.Option(help="Folder holding the runs (the --store of `run`).")
-                    ] = Path("runs"),
+    runs: Annotated[str, typer.Option(
+        help="Folder or fsspec URL (s3://bucket/runs) holding the runs (the --store of `run`).")
+                    ] = "runs",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8501,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
 ) -> None:
     """Open the runs dashboard (Streamlit): tables, overlays side by side, filters, SQL."""
     import dashboards
+    from storage.location import Location
 
-    if not runs.is_dir():
+    if "://" not in runs:
+        runs = str(Path(runs).resolve())
+    if not Location(runs).isdir():
         fail(f"runs folder {runs} does not exist; make a run with `shapcam run --store {runs}` "
              "first, or pass --runs")
     app_path = Path(dashboards.__file__).with_name("app.py")
@@ -34,12 +38,12 @@ def dashboard(
                     f"{port} sees every run in {runs} (its SQL box is read-only and sandboxed). "
                     "Put it behind an authenticating proxy, or use --host 127.0.0.1 with an "
                     "SSH tunnel.", fg=typer.colors.YELLOW, err=True)
-    typer.echo(f"dashboard: http://{host}:{port}  (runs in {runs.resolve()}; Ctrl-C stops)")
+    typer.echo(f"dashboard: http://{host}:{port}  (runs in {runs}; Ctrl-C stops)")
     cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.address", host,
            "--server.port", str(port), "--server.headless", "true",
            "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
            "--client.toolbarMode", "viewer",
-           "--", "--runs", str(runs.resolve())]
+           "--", "--runs", runs]
     # Streamlit in its own session: SIGTERM or Ctrl-C reach this command, which stops it with
     # its process group (a scheduler's SIGTERM would otherwise leave it serving).
     proc = subprocess.Popen(cmd, start_new_session=True)

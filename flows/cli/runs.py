@@ -290,12 +290,14 @@ def preflight(config: RunConfig, dask_address: str | None, gpus: str | None = No
     workers have their own devices, files and caches."""
     from shapcam.zoo.factory import import_factory, is_import_path
     from shapcam.zoo.models import ensure_weights
+    from tasks.workers import cached_model
 
     from ..runtime import visible_gpus
 
-    for model in config.models:  # the flow plans on this machine: it imports them too
+    for model in config.models:  # the flow plans on this machine: it builds them too
         if is_import_path(model.name):
             import_factory(model.name)
+            cached_model(model, "cpu")  # the factory runs, the model takes its input size
     if dask_address is None:
         if config.device.startswith("cuda"):
             visible_gpus(gpus)
