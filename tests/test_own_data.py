@@ -188,6 +188,16 @@ def test_a_manifest_reports_bad_rows_per_image(shapes, tmp_path):
     assert "four numbers" in records["shapes/square/1"].error
     assert "label 'zebra' is not a class" in records["elsewhere"].error
     assert records["missing"].error is None  # found missing when it is decoded
+    # the same table as Parquet (typed columns: integer labels are class indices)
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "list.csv", dtype=str, keep_default_na=False)
+    table["label"] = table["label"].map(lambda v: SHAPES.index(v) if v in SHAPES else v)
+    table.astype({"label": str}).to_parquet(tmp_path / "list.parquet")
+    again = {r.image_id: r for r in open_dataset("manifest", tmp_path / "list.parquet",
+                                                 categories=SHAPES)}
+    assert [(r.image_id, r.label, r.error is None) for r in again.values()] == [
+        (r.image_id, r.label, r.error is None) for r in records.values()]
     with pytest.raises(ShapCAMError, match="no path column.*columns: file_name"):
         (tmp_path / "bad.csv").write_text("file_name\nx.png")
         open_dataset("manifest", tmp_path / "bad.csv")
@@ -406,3 +416,25 @@ def test_the_readme_example_folder_reads_with_its_boxes():
     x = torch.stack([load_example(r, lm.input_size)[0] for r in records])
     with torch.no_grad():  # the example model tells the example shapes apart
         assert lm.model(x).argmax(1).tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_a_run_folder_cannot_make_evaluate_store_import_a_module(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from storage import SaliencyStore
+
+    (tmp_path / "tripwire.py").write_text(
+        "from pathlib import Path\nPath(__file__).with_name('tripped').write_text('ran')\n"
+        "def build():\n    raise SystemExit\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = RunConfig.build(dataset="folder", root=HERE.parent / "docs/examples/shapes",
+                             models=OWN, methods="gradcam", causal=False)
+    plan_run(str(tmp_path / "run"), "run-x", config)
+    store = SaliencyStore(tmp_path / "run")
+    hostile = {**store.attrs["config"], "models": [{"name": "tripwire:build",
+                                                    "weights": "factory", "layer": None}]}
+    store.update_attrs({"config": hostile})
+    res = CliRunner().invoke(app, ["evaluate-store", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "--allow-models tripwire:build" in res.output
+    assert not (tmp_path / "tripped").exists() and "tripwire" not in sys.modules

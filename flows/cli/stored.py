@@ -43,6 +43,9 @@ RunDir = Annotated[str, typer.Argument(help="Run folder (or URL) written by `sha
 def evaluate_store(
     run_dir: RunDir, protocol: Protocol = "gradcampp", causal: Causal = True,
     workers: Workers = DEFAULT_WORKERS, dask_address: DaskAddress = None,
+    allow_models: Annotated[str | None, typer.Option(
+        help="Comma-separated import paths of your own models that the run names: they are "
+             "imported (their code runs), so a run folder cannot name one by itself.")] = None,
 ) -> None:
     """Recompute a run's metrics with another protocol variant, reusing its stored maps."""
     from dashboards.render import markdown
@@ -56,6 +59,7 @@ def evaluate_store(
         attrs = SaliencyStore(run_dir).attrs
         run_id = attrs["run_id"]
         stored = RunConfig.from_dict(attrs["config"])
+        _check_allowed(stored, allow_models, run_dir)
         preflight(stored, dask_address)
     runner = task_runner(dask_address, workers, 1, device=stored.device,
                          resources=stored.task_resources, tasks_per_gpu=stored.tasks_per_gpu)
@@ -148,3 +152,17 @@ def _list_runs(store: str, names: list[str], as_error: bool) -> None:
     typer.echo(f"runs in {store} (query one: shapcam query {Path(store) / names[0]} "
                "\"select ...\"):")
     typer.echo(text)
+
+
+def _check_allowed(config: RunConfig, allowed: str | None, run_dir: str) -> None:
+    """A run folder is untrusted: the factories its config names are imported only when the
+    user names them too."""
+    from shapcam.errors import ShapCAMError
+    from shapcam.zoo.factory import is_import_path
+
+    names = {n.strip() for n in (allowed or "").split(",") if n.strip()}
+    for model in config.models:
+        if is_import_path(model.name) and model.name not in names:
+            raise ShapCAMError(
+                f"run {run_dir} names your model {model.name}: importing it runs its code; "
+                f"pass --allow-models {model.name} if you trust it")
