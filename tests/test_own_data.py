@@ -300,9 +300,6 @@ def shapcam_cli(project: Path, *args: str, timeout: float = 540):
 
 
 def test_a_factory_that_cannot_be_imported_stops_the_command_before_anything_starts(tmp_path):
-    import time
-
-    t = time.perf_counter()
     res = shapcam_cli(tmp_path, "run", "--models", "no_such_pkg.models:build", "--store",
                       str(tmp_path / "runs"), timeout=120)
     lines = [line for line in res.stderr.splitlines() + res.stdout.splitlines() if line]
@@ -310,7 +307,7 @@ def test_a_factory_that_cannot_be_imported_stops_the_command_before_anything_sta
     assert "no_such_pkg" in lines[0] and "PYTHONPATH" in lines[0]
     # no run folder, no Prefect database (no server started)
     assert not (tmp_path / "runs").exists() and not list((tmp_path / "prefect").glob("*"))
-    assert "Traceback" not in res.stderr and time.perf_counter() - t < 120
+    assert "Traceback" not in res.stderr
 
 
 def hand_metrics(path: Path, saliency: np.ndarray, target: int, box: np.ndarray
@@ -438,3 +435,23 @@ def test_a_run_folder_cannot_make_evaluate_store_import_a_module(tmp_path, monke
     res = CliRunner().invoke(app, ["evaluate-store", str(tmp_path / "run")])
     assert res.exit_code == 2 and "--allow-models tripwire:build" in res.output
     assert not (tmp_path / "tripped").exists() and "tripwire" not in sys.modules
+
+
+def test_bad_box_and_class_map_files_are_one_line(shapes, tmp_path, monkeypatch):
+    import shapcam.data.coco
+
+    root, coco = shapes
+    cases = {"not json {": "not COCO instances JSON", '{"images": 3}': "not COCO instances JSON",
+             json.dumps({"images": [], "annotations": [], "categories": [
+                 {"id": 1, "name": "zebra"}]}): "none of its categories"}
+    for text, message in cases.items():
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(ShapCAMError, match=message) as info:
+            open_dataset("folder", root, categories=SHAPES, boxes=tmp_path / "bad.json")
+        assert "\n" not in str(info.value)
+    monkeypatch.setattr(shapcam.data.coco, "MAX_COCO_BYTES", 100)  # read whole: bounded
+    with pytest.raises(ShapCAMError, match="box file .* is over 0 MB"):
+        open_dataset("folder", root, categories=SHAPES, boxes=coco)
+    (tmp_path / "map.json").write_text('["a list"]')
+    with pytest.raises(ShapCAMError, match="must be a JSON object"):
+        open_dataset("folder", root, categories=SHAPES, class_map=tmp_path / "map.json")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ShapCAMError
-from .labels import LabelMap
+from .labels import LabelMap, checked_file
 from .records import ImageRecord
 
 #: Bytes a COCO file may have (COCO 2017 train's instances are 450 MB).
@@ -32,11 +32,7 @@ def load_coco(path: str | Path):
     """The COCO API object of ``path``; a file that is not COCO instances is one error."""
     from pycocotools.coco import COCO
 
-    path = Path(path)
-    if not path.is_file():
-        raise ShapCAMError(f"box file {path} does not exist")
-    if path.stat().st_size > MAX_COCO_BYTES:
-        raise ShapCAMError(f"box file {path} is over {MAX_COCO_BYTES >> 20} MB")
+    path = checked_file(path, MAX_COCO_BYTES, "box file")
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the API prints its timings
             return COCO(str(path))

@@ -56,13 +56,20 @@ class LabelMap:
                            f"classes; {hint}map it with --class-map FILE.json)")
 
 
-def read_class_map(path: str | Path) -> dict[str, Any]:
-    """A class-map file: a JSON object of ``name: class index or class name``."""
+def checked_file(path: str | Path, max_bytes: int, what: str) -> Path:
+    """``path`` when it is a file of at most ``max_bytes`` (a user's file is read whole:
+    memory stays bounded); else one error naming ``what`` it is."""
     path = Path(path)
     if not path.is_file():
-        raise ShapCAMError(f"class map {path} does not exist")
-    if path.stat().st_size > MAX_CLASS_MAP_BYTES:
-        raise ShapCAMError(f"class map {path} is over {MAX_CLASS_MAP_BYTES // 2**20} MB")
+        raise ShapCAMError(f"{what} {path} does not exist")
+    if path.stat().st_size > max_bytes:
+        raise ShapCAMError(f"{what} {path} is over {max_bytes >> 20} MB")
+    return path
+
+
+def read_class_map(path: str | Path) -> dict[str, Any]:
+    """A class-map file: a JSON object of ``name: class index or class name``."""
+    path = checked_file(path, MAX_CLASS_MAP_BYTES, "class map")
     try:
         data = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
