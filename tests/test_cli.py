@@ -110,3 +110,16 @@ def test_evaluate_rejects_bad_arguments(tmp_path):
     res = runner.invoke(app, ["evaluate", "--methods", "gradcam", "--set", "rise.n_masks=4",
                               "--root", str(tmp_path)])
     assert res.exit_code == 2 and "--set rise.n_masks" in res.output
+
+
+def test_workers_dying_again_and_again_is_one_line_with_the_way_on(capsys):
+    import typer
+    from distributed import KilledWorker
+
+    from flows.cli.common import user_errors
+
+    with pytest.raises(typer.Exit) as info, user_errors(resume=lambda: "resume with --run-id r"):
+        raise KilledWorker("process_shard-1f2e", "tcp://127.0.0.1:1", 3)
+    err = capsys.readouterr().err
+    assert info.value.exit_code == 2 and len(err.strip().splitlines()) == 1
+    assert "process_shard-1f2e" in err and "--dry-run" in err and "--run-id r" in err

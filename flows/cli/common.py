@@ -37,6 +37,14 @@ def user_errors(resume: Callable[[], str] | None = None) -> Iterator[None]:
         typer.secho(f"stopped by {stop.name}: the flow run is marked Cancelled{hint}",
                     fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(stop.exit_code) from None
+    except Exception as exc:
+        if type(exc).__name__ != "KilledWorker":  # distributed's: a task's workers all died
+            raise
+        hint = f"; {resume()}" if resume is not None else ""
+        fail(f"Dask workers died running {exc.args[0] if exc.args else 'a task'} again and "
+             "again: out of memory, killed, or a task holding a worker past the scheduler's "
+             "worker-ttl (`shapcam run --dry-run` projects each method's cost; a smaller "
+             f"--batch-images or --set METHOD.KEY=VALUE lowers it){hint}")
 
 
 def offline_weights() -> None:
