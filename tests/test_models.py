@@ -150,3 +150,10 @@ def test_random_weights_are_the_same_in_every_process():
     assert torch.equal(before, after)
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(),
                                                  b.state_dict().values(), strict=True))
+
+
+def test_torchvision_mobilenet_v3_is_not_given_timm_s_layer_of_the_same_class_name():
+    from shapcam.zoo.models import load_model
+
+    # timm's MobileNetV3 family layer is "blocks"; torchvision's class has the same name
+    assert load_model("mobilenet_v3_small", "random").target_layer == "features"

@@ -381,7 +381,7 @@ def test_a_32_and_a_299_pixel_model_end_to_end(tmp_path):
     for i, kind in enumerate(SHAPES[:2]):
         draw_shape(kind, (120, 90), (30, 20, 80, 70), i).save(flat / f"{kind}.jpg")
     res = shapcam_cli(project, "run", "--dataset", "folder", "--root", str(flat), "--models",
-                      "own_models:cifar_wrn,own_models:inception_299", "--preset", "quick",
+                      "own_models:cifar_wrn,own_models:mobilenet_299", "--preset", "quick",
                       "--set", "shapcam.permutations=8", "--set", "mask.iterations=5",
                       "--set", "rise.n_masks=40", "--set", "scorecam.max_channels=16",
                       "--set", "rise.batch_size=20", "--n-images", "1", "--workers", "2",
@@ -391,7 +391,7 @@ def test_a_32_and_a_299_pixel_model_end_to_end(tmp_path):
     m = run.metrics()
     assert len(m) == 2 * 6 and m["error"].isna().all() and (m["label"] == -1).all()
     assert m["deletion"].notna().all() and (m["pointing"] == "unannotated").all()
-    for model, side in (("own_models:cifar_wrn", 32), ("own_models:inception_299", 299)):
+    for model, side in (("own_models:cifar_wrn", 32), ("own_models:mobilenet_299", 299)):
         spec, group = run.store.table("folder", model)
         assert spec.map_shape == (side, side) and group.attrs["input_size"] == side
         maps = run.maps("folder", model, "shapcam")

@@ -239,7 +239,10 @@ def load_model(
         categories = imagenet_categories() if n_out == 1000 else [str(i) for i in range(n_out)]
     elif len(categories) != n_out:
         raise ShapCAMError(f"model {name}: {len(categories)} class names for {n_out} outputs")
-    layer = (target_layer or DEFAULT_TARGET_LAYERS.get(name) or timm_models.default_layer(model)
+    # timm's family layers only for timm models: torchvision's MobileNetV3 shares the class
+    # name of timm's, not its module names
+    family = timm_models.default_layer(model) if timm_models.is_timm(name) else None
+    layer = (target_layer or DEFAULT_TARGET_LAYERS.get(name) or family
              or auto_target_layer(model, size))
     get_module(model, layer)  # validates the name
     return LoadedModel(model=model, name=name, weights=spec, target_layer=layer,
