@@ -288,16 +288,15 @@ def preflight(config: RunConfig, dask_address: str | None, gpus: str | None = No
     model load on this machine (cached, from the offline package, or downloaded now) and,
     with CUDA, a GPU is visible. Only the imports are checked for a remote cluster, whose
     workers have their own devices, files and caches."""
-    from shapcam.zoo.factory import import_factory, is_import_path
+    from shapcam.zoo.factory import is_import_path
     from shapcam.zoo.models import ensure_weights
     from tasks.workers import cached_model
 
     from ..runtime import visible_gpus
 
     for model in config.models:  # the flow plans on this machine: it builds them too
-        if is_import_path(model.name):
-            import_factory(model.name)
-            cached_model(model, "cpu")  # the factory runs, the model takes its input size
+        if is_import_path(model.name):  # imported, run, and run at its input size
+            cached_model(model, "cpu")
     if dask_address is None:
         if config.device.startswith("cuda"):
             visible_gpus(gpus)

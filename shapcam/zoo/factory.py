@@ -41,6 +41,19 @@ AS_BUILT = ("factory", "random", "DEFAULT", "IMAGENET1K_V1", "pretrained")
 _KEYS = ("model", "target_layer", "categories", "input_size", "mean", "std")
 
 
+def weights_spec(path: str, spec: str) -> str:
+    """``factory`` for the specs meaning "as built", else ``spec`` when it names a file; one
+    error otherwise (the file itself is checked where it is loaded)."""
+    from .state_dicts import is_path
+
+    if spec in AS_BUILT:
+        return "factory"
+    if is_path(spec):
+        return spec
+    raise ShapCAMError(f"unknown weights {spec!r} for {path}; use 'factory' (as built) or a "
+                       "path to a state-dict or checkpoint file")
+
+
 def is_import_path(text: str) -> bool:
     """Whether a model name is a factory's import path (``timm:NAME`` is timm's)."""
     return bool(_IMPORT_PATH.match(text)) and not text.startswith("timm:")

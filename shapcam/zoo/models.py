@@ -123,15 +123,13 @@ def ensure_weights(name: str, weights: str | os.PathLike[str] | None) -> None:
     made now). Raises one :class:`ShapCAMError` saying what works otherwise."""
     spec = "random" if weights is None else str(weights)
     _check_name(name)
-    if spec == "random" or (factory.is_import_path(name) and spec in factory.AS_BUILT):
+    if factory.is_import_path(name):
+        spec = factory.weights_spec(name, spec)
+    if spec in ("random", "factory"):
         return
     if is_path(spec):
-        if not Path(spec).is_file():
-            raise ShapCAMError(f"weights file {spec} does not exist")
+        _weights_file(spec)
         return
-    if factory.is_import_path(name):
-        raise ShapCAMError(f"unknown weights {spec!r} for {name}; use 'factory' (as built) or "
-                           "a path to a state-dict or checkpoint file")
     if timm_models.is_timm(name):
         if spec not in timm_models.PRETRAINED_SPECS:
             raise ShapCAMError(f"unknown weights {spec!r} for {name}; use 'pretrained', "
@@ -264,15 +262,11 @@ def _load_factory(name: str, spec: str, categories: list[str] | None
     with random_weights():
         built = factory.build(name)
     model = built.model
-    if spec in factory.AS_BUILT:
-        spec = "factory"
-    elif is_path(spec):
+    spec = factory.weights_spec(name, spec)
+    if spec != "factory":
         path = _weights_file(spec)
         categories = categories or checkpoint_meta(path).get("categories")
         load_state_dict_file(model, name, path)
-    else:
-        raise ShapCAMError(f"unknown weights {spec!r} for {name}; use 'factory' (as built) or "
-                           "a path to a state-dict or checkpoint file")
     adapt_normalisation(model, built.mean, built.std)
     return model, spec, built.input_size, built.target_layer, categories or built.categories
 
